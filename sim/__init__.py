@@ -1,0 +1,14 @@
+"""psr.sim: differentiable beam dynamics (torch only: no ML, no files)."""
+
+from .beam import ParticleBeam
+from .element import Element, LinearElement
+from .lattice import ELEMENT_TYPES, Lattice, TrackResult, parse_setting_name
+from .magnets import Drift, Quadrupole
+from .screen import Screen
+from .species import SPECIES, Species, get_species, relativistic_factors
+
+__all__ = [
+    "ELEMENT_TYPES", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
+    "SPECIES", "Screen", "Species", "TrackResult", "get_species", "parse_setting_name",
+    "relativistic_factors",
+]

@@ -1,0 +1,95 @@
+"""Particle beams in Bmad phase-space coordinates and their statistics."""
+
+import torch
+
+from .species import get_species, relativistic_factors
+
+PLANES = {"x": (0, 1), "y": (2, 3), "z": (4, 5)}
+
+
+class ParticleBeam:
+    """A bunch of macro-particles.
+
+    particles: tensor (..., N, 6) of (x [m], px, y [m], py, z [m], pz) in Bmad coordinates.
+    p0c: reference momentum [eV]. species: "electron", "positron" or "proton".
+    charge: bunch charge magnitude [C]; its sign comes from the species.
+    """
+
+    def __init__(self, particles: torch.Tensor, p0c: float, species="electron", charge: float = 0.0):
+        particles = torch.as_tensor(particles)
+        if particles.ndim < 2 or particles.shape[-1] != 6:
+            raise ValueError(f"particles must have shape (..., N, 6), got {tuple(particles.shape)}")
+        if not p0c > 0:
+            raise ValueError(f"p0c must be positive, got {p0c}")
+        if charge < 0:
+            raise ValueError(f"charge is a magnitude in coulombs and must be >= 0, got {charge}")
+        self.particles = particles
+        self.p0c = float(p0c)
+        self.species = get_species(species)
+        self.charge = float(charge)
+
+    def with_particles(self, particles: torch.Tensor) -> "ParticleBeam":
+        """The same reference and species with new particles."""
+        return ParticleBeam(particles, self.p0c, self.species, self.charge)
+
+    @property
+    def n_particles(self) -> int:
+        return self.particles.shape[-2]
+
+    @property
+    def relativistic_gamma(self) -> float:
+        return relativistic_factors(self.p0c, self.species)[0]
+
+    @property
+    def relativistic_beta(self) -> float:
+        return relativistic_factors(self.p0c, self.species)[1]
+
+    def mean(self) -> torch.Tensor:
+        """Centroid (..., 6)."""
+        return self.particles.mean(dim=-2)
+
+    def cov(self) -> torch.Tensor:
+        """Covariance matrix (..., 6, 6) (population, 1/N)."""
+        centred = self.particles - self.mean().unsqueeze(-2)
+        return centred.transpose(-1, -2) @ centred / self.n_particles
+
+    def emittance(self, plane: str = "x", normalized: bool = False) -> torch.Tensor:
+        """Rms emittance of "x", "y", "z" [m], "4d" [m^2] or "6d" [m^3]: sqrt(det) of the covariance block.
+
+        normalized=True multiplies by (beta*gamma) per plane.
+        """
+        cov = self.cov()
+        if plane in PLANES:
+            i, j = PLANES[plane]
+            block = cov[..., [i, j], :][..., :, [i, j]]
+            n_planes = 1
+        elif plane == "4d":
+            block, n_planes = cov[..., :4, :4], 2
+        elif plane == "6d":
+            block, n_planes = cov, 3
+        else:
+            raise ValueError(f"unknown plane {plane!r}; use x, y, z, 4d or 6d")
+        emit = torch.linalg.det(block).clamp(min=0).sqrt()
+        if normalized:
+            gamma, beta = relativistic_factors(self.p0c, self.species)
+            emit = emit * (beta * gamma) ** n_planes
+        return emit
+
+    def twiss(self, plane: str = "x") -> dict[str, torch.Tensor]:
+        """Twiss beta [m], alpha and geometric emittance [m] of plane "x" or "y" (or "z")."""
+        if plane not in PLANES:
+            raise ValueError(f"unknown plane {plane!r}; use x, y or z")
+        i, j = PLANES[plane]
+        cov = self.cov()
+        emit = self.emittance(plane)
+        return {
+            "beta": cov[..., i, i] / emit,
+            "alpha": -cov[..., i, j] / emit,
+            "emittance": emit,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ParticleBeam(shape={tuple(self.particles.shape)}, p0c={self.p0c:.6g} eV, "
+            f"species={self.species.name}, charge={self.charge:.3g} C)"
+        )

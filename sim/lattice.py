@@ -1,0 +1,151 @@
+"""Lattice: an ordered list of elements, built from lattice files, tracked with named settings."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .beam import ParticleBeam
+from .element import Element, LinearElement
+from .magnets import Drift, Quadrupole
+from .screen import Screen
+
+ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Screen)}
+
+
+@dataclass
+class TrackResult:
+    """The beam at the end of the lattice and the images of every screen, by screen name."""
+
+    beam: ParticleBeam
+    images: dict[str, torch.Tensor]
+
+
+def parse_setting_name(name: str) -> tuple[str, str]:
+    """Split "<element>.<parameter>" into its parts."""
+    element, sep, parameter = str(name).rpartition(".")
+    if not sep or not element or not parameter:
+        raise ValueError(f"setting name {name!r} must look like '<element name>.<parameter>', e.g. 'Q1.k1'")
+    return element, parameter
+
+
+class Lattice(nn.Module):
+    """A beamline. `lattice(beam, settings={"Q1.k1": k})` tracks the beam and images every screen.
+
+    Settings broadcast: values of shape (K,) give a final beam (K, N, 6) and images (K, H, W).
+    Consecutive linear elements are multiplied into one matrix per setting before it touches the
+    particles, so a whole scan costs one particle transform per screen.
+    """
+
+    def __init__(self, elements: list[Element], space_charge=None):
+        super().__init__()
+        if space_charge is not None:
+            raise NotImplementedError("space charge is not implemented yet (planned: issue 4); use space_charge=None")
+        self.space_charge = space_charge
+        names = [e.name for e in elements]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"element names must be unique; repeated: {duplicates}")
+        self.elements = nn.ModuleList(elements)
+
+    @classmethod
+    def from_list(cls, items: list[dict], space_charge=None) -> "Lattice":
+        """Build from lattice-file entries `{type: ..., name: ..., <parameters>}`."""
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"a lattice must be a list of elements, got {type(items).__name__}")
+        elements = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or "type" not in item:
+                raise ValueError(f"lattice entry {index} must be a mapping with a 'type', got {item!r}")
+            item = dict(item)
+            kind = item.pop("type")
+            if kind not in ELEMENT_TYPES:
+                raise ValueError(
+                    f"lattice entry {index} ({item.get('name', '?')}): unknown element type {kind!r}; "
+                    f"known types: {', '.join(ELEMENT_TYPES)}"
+                )
+            item.setdefault("name", f"{kind}_{index}")
+            try:
+                elements.append(ELEMENT_TYPES[kind](**item))
+            except TypeError as err:
+                raise ValueError(f"lattice entry {index} ({item['name']}): {err}") from None
+        return cls(elements, space_charge=space_charge)
+
+    @classmethod
+    def from_file(cls, path, space_charge=None) -> "Lattice":
+        """Build from a YAML or JSON lattice file."""
+        text = Path(path).read_text()
+        return cls.from_list(load_lattice_text(text, str(path)), space_charge=space_charge)
+
+    def to_list(self) -> list[dict]:
+        """The lattice-file entries (inverse of `from_list`)."""
+        return [e.to_dict() for e in self.elements]
+
+    def __getitem__(self, name: str) -> Element:
+        for element in self.elements:
+            if element.name == name:
+                return element
+        raise KeyError(f"no element named {name!r}; elements: {[e.name for e in self.elements]}")
+
+    @property
+    def screens(self) -> dict[str, Screen]:
+        return {e.name: e for e in self.elements if isinstance(e, Screen)}
+
+    def split_settings(self, settings: dict | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Group {"Q1.k1": v} into {"Q1": {"k1": v}}, checking every name."""
+        grouped: dict[str, dict] = {}
+        names = {e.name: e for e in self.elements}
+        for key, value in (settings or {}).items():
+            element, parameter = parse_setting_name(key)
+            if element not in names:
+                raise KeyError(f"setting {key!r}: no element named {element!r} in the lattice")
+            if parameter not in names[element].parameters_defaults:
+                raise KeyError(
+                    f"setting {key!r}: {type(names[element]).__name__} {element} has no parameter "
+                    f"{parameter!r}; known: {sorted(names[element].parameters_defaults)}"
+                )
+            grouped.setdefault(element, {})[parameter] = value
+        return grouped
+
+    def forward(self, beam: ParticleBeam, settings: dict | None = None) -> TrackResult:
+        grouped = self.split_settings(settings)
+        particles = beam.particles
+        matrix = None
+        images = {}
+        for element in self.elements:
+            overrides = grouped.get(element.name)
+            if isinstance(element, LinearElement):
+                m = element.transfer_map(beam.p0c, beam.species, particles, overrides)
+                matrix = m if matrix is None else m @ matrix
+            elif isinstance(element, Screen):
+                particles, matrix = _apply(particles, matrix), None
+                images[element.name] = element.image(particles)
+            else:
+                raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
+        particles = _apply(particles, matrix)
+        return TrackResult(beam.with_particles(particles), images)
+
+
+def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
+    """particles (..., N, 6) transformed by matrix (..., 6, 6); leading shapes broadcast."""
+    if matrix is None:
+        return particles
+    return particles @ matrix.transpose(-1, -2)
+
+
+def load_lattice_text(text: str, source: str = "lattice") -> list:
+    """Parse YAML (or JSON, a subset) lattice text into entries."""
+    import yaml
+
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{source}: not valid YAML or JSON: {err}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{source}: a lattice file must hold a list of elements")
+    return items

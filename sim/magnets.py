@@ -1,0 +1,101 @@
+"""Drift and quadrupole: linear transfer maps in Bmad coordinates (x, px, y, py, z, pz)."""
+
+import math
+
+import torch
+
+from .element import LinearElement, eye_like
+from .species import relativistic_factors
+
+_N_SERIES = 12  # terms of the power series used for |k1 L^2| < 1: error below 1/(2*_N_SERIES)!
+
+
+def cos_like(u: torch.Tensor) -> torch.Tensor:
+    """C(u) = cos(sqrt(u)) for u >= 0, cosh(sqrt(-u)) for u < 0; smooth (and exact) through u = 0."""
+    small = u.abs() < 1.0
+    series = torch.zeros_like(u)
+    term = torch.ones_like(u)
+    for n in range(_N_SERIES):
+        series = series + term
+        term = term * (-u) / ((2 * n + 1) * (2 * n + 2))
+    safe = torch.where(small, torch.ones_like(u), u)
+    root = safe.abs().sqrt()
+    closed = torch.where(safe > 0, torch.cos(root), torch.cosh(root))
+    return torch.where(small, series, closed)
+
+
+def sinc_like(u: torch.Tensor) -> torch.Tensor:
+    """S(u) = sin(sqrt(u))/sqrt(u) for u >= 0, sinh(sqrt(-u))/sqrt(-u) for u < 0; S(0) = 1."""
+    small = u.abs() < 1.0
+    series = torch.zeros_like(u)
+    term = torch.ones_like(u)
+    for n in range(_N_SERIES):
+        series = series + term
+        term = term * (-u) / ((2 * n + 2) * (2 * n + 3))
+    safe = torch.where(small, torch.ones_like(u), u)
+    root = safe.abs().sqrt()
+    closed = torch.where(safe > 0, torch.sin(root), torch.sinh(root)) / root
+    return torch.where(small, series, closed)
+
+
+def rotation_xy(angle: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Matrix (..., 6, 6) taking lab coordinates into a frame rotated by `angle` [rad] about s.
+
+    x' = x cos + y sin, y' = -x sin + y cos (same for px, py).
+    """
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot = eye_like(angle.shape, like)
+    for a, b in ((0, 2), (1, 3)):
+        rot[..., a, a] = c
+        rot[..., a, b] = s
+        rot[..., b, a] = -s
+        rot[..., b, b] = c
+    return rot
+
+
+class Drift(LinearElement):
+    """Field-free drift of `length` [m].
+
+    x += L px, y += L py, z += L pz / gamma0^2 (first order in Bmad coordinates).
+    """
+
+    parameters_defaults = {"length": 0.0}
+
+    def transfer_map(self, p0c, species, like, overrides=None):
+        length = self.parameter_values(overrides, like)["length"]
+        gamma, _ = relativistic_factors(p0c, species)
+        m = eye_like(length.shape, like)
+        m[..., 0, 1] = length
+        m[..., 2, 3] = length
+        m[..., 4, 5] = length / gamma**2
+        return m
+
+
+class Quadrupole(LinearElement):
+    """Thick quadrupole: `length` [m], `k1` [1/m^2] (> 0 focuses x for the reference species), `tilt` [rad].
+
+    With C(u) = cos(sqrt u), S(u) = sin(sqrt u)/sqrt u (continued analytically to u < 0):
+    x-plane [[C(k1 L^2), L S(k1 L^2)], [-k1 L S(k1 L^2), C(k1 L^2)]]; y-plane the same with -k1;
+    z += L pz / gamma0^2. A tilt rotates the magnet about s: M = R(-tilt) M0 R(tilt).
+    """
+
+    parameters_defaults = {"length": 0.0, "k1": 0.0, "tilt": 0.0}
+
+    def transfer_map(self, p0c, species, like, overrides=None):
+        p = self.parameter_values(overrides, like)
+        length, k1, tilt = p["length"], p["k1"], p["tilt"]
+        length, k1 = torch.broadcast_tensors(length, k1)
+        gamma, _ = relativistic_factors(p0c, species)
+        m = eye_like(length.shape, like)
+        for offset, k in ((0, k1), (2, -k1)):
+            u = k * length**2
+            c, s = cos_like(u), sinc_like(u)
+            m[..., offset, offset] = c
+            m[..., offset, offset + 1] = length * s
+            m[..., offset + 1, offset] = -k * length * s
+            m[..., offset + 1, offset + 1] = c
+        m[..., 4, 5] = length / gamma**2
+        if tilt.requires_grad or bool((tilt != 0).any()):
+            rot = rotation_xy(tilt, like)
+            m = rot.transpose(-1, -2) @ m @ rot
+        return m
