@@ -1,0 +1,70 @@
+"""Generative beam models: a network maps fixed base samples to particle coordinates."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+class MLPBeamGenerator(nn.Module):
+    """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
+
+    n_dim 4 reconstructs (x, px, y, py) and leaves z = pz = 0; n_dim 6 all six coordinates.
+    scale: one value or one per reconstructed coordinate, the physical size of a unit network
+    output [m for positions, 1 for momenta]. The base samples are drawn once from `seed`, so the
+    beam is a deterministic function of the weights; calling with another particle count draws
+    fresh base samples for that count.
+    """
+
+    def __init__(
+        self,
+        n_particles: int = 10_000,
+        n_dim: int = 4,
+        hidden_width: int = 32,
+        hidden_layers: int = 2,
+        activation: str = "tanh",
+        scale: float | Sequence[float] = 1e-3,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if n_dim not in (4, 6):
+            raise ValueError(f"n_dim must be 4 or 6, got {n_dim}")
+        if n_particles < 2:
+            raise ValueError(f"n_particles must be at least 2, got {n_particles}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
+        if scale.numel() == 1:
+            scale = scale.expand(n_dim).clone()
+        if scale.numel() != n_dim or not (scale > 0).all():
+            raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
+        self.n_dim = n_dim
+        self.seed = seed
+        layers, width_in = [], n_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width_in, hidden_width), ACTIVATIONS[activation]()]
+            width_in = hidden_width
+        layers.append(nn.Linear(width_in, n_dim))
+        self.network = nn.Sequential(*layers)
+        self.register_buffer("scale", scale)
+        self.register_buffer("base_samples", self._draw(n_particles, seed))
+
+    def _draw(self, n: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(n, self.n_dim, generator=generator)
+
+    @property
+    def n_particles(self) -> int:
+        return self.base_samples.shape[0]
+
+    def forward(self, n_particles: int | None = None) -> torch.Tensor:
+        """Particles (N, 6) in Bmad coordinates."""
+        base = self.base_samples
+        if n_particles is not None and n_particles != self.n_particles:
+            base = self._draw(n_particles, self.seed + 1).to(base)
+        coords = self.network(base) * self.scale
+        if self.n_dim == 4:
+            coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 2)], dim=-1)
+        return coords

@@ -1,0 +1,96 @@
+"""LightningDataModule over a scan data file: settings and normalized images, split train/validation."""
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .scanfile import ScanData, read_scan
+
+
+def prepare_images(screen) -> tuple[np.ndarray, np.ndarray]:
+    """Measured images (K, H, W) ready to fit and a (K,) flag of settings where the screen was measured.
+
+    Shots are averaged, the background is subtracted (clipped at 0), the mask applied, and each
+    image normalized to unit sum. Unmeasured (all-NaN) images become zeros with flag False.
+    """
+    images = np.asarray(screen.images, dtype=np.float64)
+    if images.ndim == 4:
+        images = images.mean(axis=1)
+    measured = ~np.isnan(images).all(axis=(-1, -2))
+    images = np.nan_to_num(images, nan=0.0)
+    if screen.background is not None:
+        images = np.clip(images - screen.background, 0.0, None)
+    if screen.mask is not None:
+        images = images * screen.mask
+    total = images.sum(axis=(-1, -2), keepdims=True)
+    if (total[measured] <= 0).any():
+        raise ValueError("a measured image is empty (sums to zero after background and mask)")
+    images = np.where(total > 0, images / np.where(total > 0, total, 1.0), 0.0)
+    return images.astype(np.float32), measured
+
+
+class _RepeatedFullBatch(Dataset):
+    """Yields the same full batch `repeats` times (one optimizer step each)."""
+
+    def __init__(self, batch: dict, repeats: int):
+        self.batch, self.repeats = batch, repeats
+
+    def __len__(self):
+        return self.repeats
+
+    def __getitem__(self, index):
+        return self.batch
+
+
+class ScanDataModule(L.LightningDataModule):
+    """Serves a scan file's settings and images.
+
+    path: the scan file (HDF5, contract v1). val_every: every n-th setting (starting with the
+    second) is held out for validation; 0 trains on all settings. steps_per_epoch: optimizer steps
+    per epoch, each on all training settings at once (a whole scan is one batch).
+    """
+
+    def __init__(self, path: str, val_every: int = 2, steps_per_epoch: int = 50):
+        super().__init__()
+        if val_every < 0 or val_every == 1:
+            raise ValueError(f"val_every must be 0 (no validation) or >= 2, got {val_every}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.path, self.val_every, self.steps_per_epoch = path, val_every, steps_per_epoch
+        self.scan: ScanData | None = None
+
+    def setup(self, stage: str | None = None):
+        if self.scan is not None:
+            return
+        self.scan = read_scan(self.path)
+        n_settings = self.scan.settings.shape[0]
+        index = np.arange(n_settings)
+        if self.val_every:
+            val = index[index % self.val_every == 1]
+        else:
+            val = index[:0]
+        train = np.setdiff1d(index, val)
+        self.train_index, self.val_index = train, val
+        prepared = {name: prepare_images(screen) for name, screen in self.scan.screens.items()}
+        self.images = {name: torch.from_numpy(img) for name, (img, _) in prepared.items()}
+        self.measured = {name: torch.from_numpy(flag) for name, (_, flag) in prepared.items()}
+        self.settings = torch.from_numpy(self.scan.settings.astype(np.float32))
+
+    def batch(self, index) -> dict:
+        """The batch of the given setting indices: settings (B, P), images and measured flags by screen."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return {
+            "index": index,
+            "settings": self.settings[index],
+            "images": {name: img[index] for name, img in self.images.items()},
+            "measured": {name: flag[index] for name, flag in self.measured.items()},
+        }
+
+    def train_dataloader(self):
+        return DataLoader(_RepeatedFullBatch(self.batch(self.train_index), self.steps_per_epoch), batch_size=None)
+
+    def val_dataloader(self):
+        if len(self.val_index) == 0:
+            return []
+        return DataLoader(_RepeatedFullBatch(self.batch(self.val_index), 1), batch_size=None)

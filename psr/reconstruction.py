@@ -1,0 +1,93 @@
+"""LightningModule: fit a generative beam model to measured screen images through the lattice."""
+
+import lightning as L
+import torch
+from torch import nn
+
+import sim
+
+LOSSES = ("l1", "mse")
+
+
+def image_loss(predicted: torch.Tensor, measured: torch.Tensor, flags: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mismatch of unit-sum images (B, H, W) over the measured settings (flags (B,)).
+
+    "l1": sum of |difference| per image (0 for a perfect match, 2 for disjoint images), averaged.
+    "mse": sum of squared differences per image times the pixel count, averaged.
+    """
+    diff = (predicted - measured)[flags]
+    if diff.shape[0] == 0:
+        return predicted.new_zeros(())
+    if kind == "l1":
+        per_image = diff.abs().sum(dim=(-1, -2))
+    else:
+        per_image = diff.square().sum(dim=(-1, -2)) * diff.shape[-1] * diff.shape[-2]
+    return per_image.mean()
+
+
+class PhaseSpaceReconstruction(L.LightningModule):
+    """Reconstruct a beam: generator -> particles -> lattice at every setting -> images -> loss.
+
+    generator: a module returning particles (N, 6) (e.g. models.MLPBeamGenerator).
+    lr: Adam learning rate, decayed along a cosine to lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
+    from the data module's scan file at setup.
+    """
+
+    def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01, loss: str = "l1"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 < lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
+        self.save_hyperparameters(ignore=["generator"])
+        self.generator = generator
+        self.lattice: sim.Lattice | None = None
+        self.setting_names: list[str] = []
+
+    def configure_scan(self, scan) -> None:
+        """Take the lattice, reference and setting names from a scan file (`psr.scanfile.ScanData`)."""
+        self.lattice = sim.Lattice.from_list(scan.lattice).to(self.device)
+        self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
+        self.setting_names = list(scan.setting_names)
+
+    def setup(self, stage: str) -> None:
+        if self.lattice is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or getattr(datamodule, "scan", None) is None:
+                raise RuntimeError("PhaseSpaceReconstruction needs a ScanDataModule (it builds the lattice from the scan file)")
+            self.configure_scan(datamodule.scan)
+
+    def beam(self, n_particles: int | None = None) -> sim.ParticleBeam:
+        """The current reconstructed beam."""
+        return sim.ParticleBeam(self.generator(n_particles), self.p0c, self.species, self.charge)
+
+    def predict_images(self, settings: torch.Tensor, beam: sim.ParticleBeam | None = None) -> dict[str, torch.Tensor]:
+        """Images (B, H, W) of every screen for settings (B, P)."""
+        beam = beam if beam is not None else self.beam()
+        values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
+        return self.lattice(beam, values).images
+
+    def _loss(self, batch) -> torch.Tensor:
+        predicted = self.predict_images(batch["settings"])
+        losses = [image_loss(predicted[name], batch["images"][name], batch["measured"][name], self.hparams.loss)
+                  for name in batch["images"]]
+        return torch.stack(losses).mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("val_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=steps, eta_min=self.hparams.lr * self.hparams.lr_final_fraction)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,90 @@
+"""End-of-fit outputs: the reconstructed beam (openPMD), emittances against the truth, plots."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sim
+
+from .openpmd import write_openpmd
+from .plots import plot_images, plot_loss, plot_phase_space
+
+PLANES_4D = ("x", "y")
+PLANES_6D = ("x", "y", "z")
+
+
+def emittance_table(particles: np.ndarray, p0c: float, species: str, planes) -> dict[str, float]:
+    """Normalized rms emittances [m] of the given planes (and the 4D/6D ones)."""
+    beam = sim.ParticleBeam(torch.as_tensor(particles, dtype=torch.float64), p0c=p0c, species=species)
+    table = {f"norm_emit_{p}": beam.emittance(p, normalized=True).item() for p in planes}
+    table["norm_emit_4d"] = beam.emittance("4d", normalized=True).item()
+    if "z" in planes:
+        table["norm_emit_6d"] = beam.emittance("6d", normalized=True).item()
+    return table
+
+
+def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
+    """{key: {"reconstructed", "true", "relative_error"}}."""
+    rows = {}
+    for key, value in reconstructed.items():
+        row = {"reconstructed": value}
+        if truth is not None and key in truth:
+            row["true"] = truth[key]
+            row["relative_error"] = value / truth[key] - 1
+        rows[key] = row
+    return rows
+
+
+def format_emittances(rows: dict) -> str:
+    lines = [f"{'':16s} {'reconstructed':>14s} {'true':>12s} {'error':>8s}"]
+    for key, row in rows.items():
+        true = f"{row['true']:12.4e}" if "true" in row else f"{'-':>12s}"
+        err = f"{100 * row['relative_error']:+7.2f}%" if "relative_error" in row else f"{'-':>8s}"
+        lines.append(f"{key:16s} {row['reconstructed']:14.4e} {true} {err}")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def write_report(model, datamodule, run_dir) -> dict:
+    """Write beam.h5, emittances.json and PNG plots into run_dir; return the emittance comparison."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    scan = datamodule.scan
+    model.eval()
+    beam = model.beam()
+    particles = beam.particles.detach().to(torch.float64).cpu().numpy()
+    write_openpmd(run_dir / "beam.h5", particles, p0c=scan.p0c, species=scan.species, charge=scan.charge)
+
+    six_d = getattr(model.generator, "n_dim", 6) == 6
+    planes = PLANES_6D if six_d else PLANES_4D
+    recon = emittance_table(particles, scan.p0c, scan.species, planes)
+    truth = None
+    if scan.ground_truth is not None:
+        truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes)
+    rows = compare_emittances(recon, truth)
+    (run_dir / "emittances.json").write_text(json.dumps(rows, indent=2))
+
+    settings = datamodule.settings.to(model.device)
+    predicted = model.predict_images(settings, beam)
+    validation = np.isin(np.arange(settings.shape[0]), datamodule.val_index)
+    labels = [", ".join(f"{v:.3g}" for v in row) for row in scan.settings]
+    for name, screen in model.lattice.screens.items():
+        xs, ys = screen.pixel_centres(torch.zeros((), dtype=torch.float64))
+        dx, dy = screen.pixel_size.tolist()
+        extent = [1e3 * (xs[0].item() - dx / 2), 1e3 * (xs[-1].item() + dx / 2),
+                  1e3 * (ys[0].item() - dy / 2), 1e3 * (ys[-1].item() + dy / 2)]
+        measured = datamodule.images[name].numpy().copy()
+        measured[~datamodule.measured[name].numpy()] = np.nan
+        plot_images(run_dir / f"images_{name}.png", measured, predicted[name].float().cpu().numpy(),
+                    extent, labels, name, validation)
+    beams = {"reconstructed": particles}
+    if scan.ground_truth is not None:
+        beams["ground truth"] = scan.ground_truth
+    pairs = [("x", "px"), ("y", "py"), ("x", "y")]
+    if six_d:
+        pairs += [("z", "pz"), ("x", "z")]
+    plot_phase_space(run_dir / "phase_space.png", beams, pairs)
+    plot_loss(run_dir / "loss.png", run_dir / "metrics.csv")
+    return rows

@@ -1,0 +1,99 @@
+"""`psr simulate`: make a synthetic scan data file from a ground-truth beam and a lattice."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sim
+
+from .openpmd import read_openpmd
+from .scanfile import ScanData, ScreenData, write_scan
+from .synthetic import SyntheticBeam
+
+
+def scan_settings(settings: dict[str, list[float]], grid: bool) -> tuple[list[str], np.ndarray]:
+    """Setting names and the (K, P) table: equal-length lists zipped, or their Cartesian product."""
+    if not settings:
+        raise ValueError("settings must name at least one '<element>.<parameter>' with a list of values")
+    names = list(settings)
+    columns = [np.asarray(settings[n], dtype=np.float64).ravel() for n in names]
+    if grid:
+        table = np.array(list(itertools.product(*columns)), dtype=np.float64)
+    else:
+        lengths = {len(c) for c in columns}
+        if len(lengths) != 1:
+            raise ValueError(f"settings lists have different lengths {[len(c) for c in columns]}; "
+                             "give equal lengths or set grid: true")
+        table = np.stack(columns, axis=-1)
+    return names, table.reshape(-1, len(names))
+
+
+def simulate(
+    output: str,
+    lattice: str,
+    settings: dict[str, list[float]],
+    p0c: float,
+    beam: SyntheticBeam | None = None,
+    beam_file: str | None = None,
+    species: str = "electron",
+    charge: float = 0.0,
+    n_particles: int = 50_000,
+    grid: bool = False,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> Path:
+    """Track a ground-truth beam through `lattice` (a lattice file) at every setting and write a scan file.
+
+    Args:
+        output: scan file to write (HDF5, contract v1); relative paths are taken from the working folder.
+        lattice: lattice file (YAML or JSON) with at least one Screen.
+        settings: {"Q1.k1": [values...], ...}: one list per scanned parameter.
+        p0c: reference momentum [eV].
+        beam: a synthetic ground-truth beam (or give beam_file).
+        beam_file: an openPMD-beamphysics particle file to use as the ground truth instead.
+        species: electron, positron or proton.
+        charge: bunch charge [C].
+        n_particles: particles sampled from `beam` (all are stored as the ground truth).
+        grid: take the Cartesian product of the settings lists instead of zipping them.
+        noise: rms of Gaussian pixel noise relative to each image's peak (clipped at zero).
+        seed: random seed for the beam and the noise.
+    """
+    if (beam is None) == (beam_file is None):
+        raise ValueError("give exactly one of beam (a synthetic beam) or beam_file (an openPMD file)")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    lattice_items = sim.lattice.load_lattice_text(Path(lattice).read_text(), lattice)
+    lat = sim.Lattice.from_list(lattice_items)
+    if not lat.screens:
+        raise ValueError(f"{lattice}: the lattice has no Screen, so there is nothing to image")
+    names, table = scan_settings(settings, grid)
+    if beam is not None:
+        particles = beam.sample(n_particles, seed=seed)
+    else:
+        loaded = read_openpmd(beam_file, p0c=p0c)
+        particles = torch.as_tensor(loaded.particles, dtype=torch.float64)
+    truth = sim.ParticleBeam(particles.to(torch.float64), p0c=p0c, species=species, charge=charge)
+    lat = lat.to(torch.float64)
+    values = {n: torch.as_tensor(table[:, i]) for i, n in enumerate(names)}
+    with torch.no_grad():
+        images = lat(truth, values).images
+    rng = np.random.default_rng(seed)
+    screens = {}
+    for name, screen in lat.screens.items():
+        img = images[name].numpy()
+        if noise > 0:
+            peak = img.max(axis=(-1, -2), keepdims=True)
+            img = np.clip(img + noise * peak * rng.standard_normal(img.shape), 0, None)
+        screens[name] = ScreenData(
+            images=img.astype(np.float32),
+            pixel_size=tuple(screen.pixel_size.tolist()),
+            center=tuple(screen.center.tolist()),
+        )
+    scan = ScanData(
+        lattice=lattice_items, settings=table, setting_names=names, screens=screens,
+        p0c=float(p0c), species=species, charge=float(charge), ground_truth=particles.numpy(),
+    )
+    write_scan(output, scan)
+    return Path(output)
