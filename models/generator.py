@@ -15,7 +15,9 @@ class MLPBeamGenerator(nn.Module):
     scale: one value or one per reconstructed coordinate, the physical size of a unit network
     output [m for positions, 1 for momenta]. The base samples are drawn once from `seed`, so the
     beam is a deterministic function of the weights; calling with another particle count draws
-    fresh base samples for that count.
+    fresh base samples for that count. linear_skip adds a linear map of the base samples to the
+    network output, so the beam's tails can grow linearly (a bounded tanh/MLP output clips them
+    and underestimates rms emittances of beams with long tails).
     """
 
     def __init__(
@@ -24,7 +26,8 @@ class MLPBeamGenerator(nn.Module):
         n_dim: int = 4,
         hidden_width: int = 32,
         hidden_layers: int = 2,
-        activation: str = "tanh",
+        activation: str = "silu",
+        linear_skip: bool = True,
         scale: float | Sequence[float] = 1e-3,
         seed: int = 0,
     ):
@@ -48,6 +51,7 @@ class MLPBeamGenerator(nn.Module):
             width_in = hidden_width
         layers.append(nn.Linear(width_in, n_dim))
         self.network = nn.Sequential(*layers)
+        self.skip = nn.Linear(n_dim, n_dim) if linear_skip else None
         self.register_buffer("scale", scale)
         self.register_buffer("base_samples", self._draw(n_particles, seed))
 
@@ -64,7 +68,10 @@ class MLPBeamGenerator(nn.Module):
         base = self.base_samples
         if n_particles is not None and n_particles != self.n_particles:
             base = self._draw(n_particles, self.seed + 1).to(base)
-        coords = self.network(base) * self.scale
+        coords = self.network(base)
+        if self.skip is not None:
+            coords = coords + self.skip(base)
+        coords = coords * self.scale
         if self.n_dim == 4:
             coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 2)], dim=-1)
         return coords
