@@ -56,16 +56,23 @@ def simulate_cli(args) -> None:
 
     from .simulate import simulate
 
-    path = CLI(simulate, args=args, prog="psr simulate")
+    path = CLI(simulate, args=args, prog="psr simulate", as_positional=False)
     print(f"wrote {path}")
 
 
 def main(argv=None) -> None:
+    """Entry point. Bad input (files, settings, parameters) ends with one error line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "simulate":
-        simulate_cli(argv[1:])
-    else:
-        fit_cli(argv)
+    command = "simulate" if argv and argv[0] == "simulate" else (argv[0] if argv else "")
+    try:
+        if command == "simulate":
+            simulate_cli(argv[1:])
+        else:
+            fit_cli(argv)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"psr {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

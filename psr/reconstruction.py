@@ -1,5 +1,7 @@
 """LightningModule: fit a generative beam model to measured screen images through the lattice."""
 
+import math
+
 import lightning as L
 import torch
 from torch import nn
@@ -29,16 +31,21 @@ class PhaseSpaceReconstruction(L.LightningModule):
     """Reconstruct a beam: generator -> particles -> lattice at every setting -> images -> loss.
 
     generator: a module returning particles (N, 6) (e.g. models.MLPBeamGenerator).
-    lr: Adam learning rate, decayed along a cosine to lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
+    lr: Adam learning rate, reached linearly over `warmup_steps` (large early Adam steps can throw
+    the beam off the screens, where no gradient brings it back), then decayed along a cosine to
+    lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
     from the data module's scan file at setup.
     """
 
-    def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01, loss: str = "l1"):
+    def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
+                 warmup_steps: int = 100, loss: str = "l1"):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
         self.save_hyperparameters(ignore=["generator"])
@@ -88,6 +95,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=steps, eta_min=self.hparams.lr * self.hparams.lr_final_fraction)
+        warmup, final = self.hparams.warmup_steps, self.hparams.lr_final_fraction
+
+        def factor(step: int) -> float:
+            cosine = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+            return min(1.0, (step + 1) / warmup) * cosine if warmup else cosine
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,7 +1,15 @@
-"""HDF5 scan data files (contract v1): read, validate, write atomically."""
+"""HDF5 scan data files (contract v1, DESIGN.md): read, validate, write atomically.
+
+Layout:
+    /                        attrs psr_format = "scan", psr_version = 1, p0c [eV], species, charge [C]
+    /lattice                 attr yaml: the lattice file text
+    /settings                float64 (K, P), attr names: P strings "<element>.<parameter>"
+    /screens/<NAME>/images   float32 (K, H, W) or (K, S, H, W); attrs pixel_size (dx, dy), center (cx, cy) [m]
+    /screens/<NAME>/background, mask   optional (H, W)
+    /ground_truth            optional openPMD-beamphysics bunch: /ground_truth/<species>/...
+"""
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +18,9 @@ import numpy as np
 import yaml
 
 import sim
+from sim.lattice import load_lattice_text
 
-from .openpmd import read_openpmd, write_bunch
+from .openpmd import _temporary_sibling, check_particles, read_openpmd, write_bunch
 
 FORMAT, VERSION = "scan", 1
 
@@ -22,7 +31,12 @@ class ScanFileError(ValueError):
 
 @dataclass
 class ScreenData:
-    """Measured images of one screen: (K, H, W) or (K, S, H, W) with S shots per setting."""
+    """Measured images of one screen: (K, H, W) or (K, S, H, W) with S shots per setting.
+
+    An image that is entirely NaN marks a setting (or shot) where the screen was not measured.
+    pixel_size (dx, dy) and center (cx, cy) [m] must agree with the lattice's Screen entry.
+    background and mask: optional (H, W) arrays.
+    """
 
     images: np.ndarray
     pixel_size: tuple[float, float]
@@ -33,7 +47,12 @@ class ScreenData:
 
 @dataclass
 class ScanData:
-    """One measurement campaign: lattice entries, K settings of P parameters, screen images, reference."""
+    """One measurement campaign.
+
+    lattice: lattice-file entries; settings (K, P) float64 with setting_names (P,) like "Q1.k1";
+    screens: screen name -> ScreenData; p0c [eV], species, charge [C] (magnitude);
+    ground_truth: optional true beam, (N, 6) Bmad particles.
+    """
 
     lattice: list[dict]
     settings: np.ndarray
@@ -46,106 +65,181 @@ class ScanData:
 
     @property
     def lattice_yaml(self) -> str:
-        return yaml.safe_dump(self.lattice, sort_keys=False)
+        """The lattice as lattice-file YAML text (what /lattice's yaml attribute holds)."""
+        return yaml.safe_dump(_plain(self.lattice), sort_keys=False)
+
+
+def _plain(value):
+    """Lattice entries with tuples, numpy values and tensors turned into plain YAML-safe Python."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _float(value, what: str, fail) -> float:
+    try:
+        array = np.asarray(value, dtype=np.float64)
+        if array.size != 1:
+            raise ValueError
+        return float(array.reshape(-1)[0])
+    except (TypeError, ValueError):
+        fail(f"{what} must be a number, got {value!r}")
 
 
 def validate_scan(scan: ScanData, source: str = "scan") -> sim.Lattice:
-    """Check everything the contract requires; returns the lattice. Raises ScanFileError."""
+    """Check everything contract v1 requires of scan data; returns the built lattice.
+
+    Raises ScanFileError with one message (prefixed by `source`) naming the first problem found.
+    """
     def fail(message):
         raise ScanFileError(f"{source}: {message}")
 
-    if not (np.isfinite(scan.p0c) and scan.p0c > 0):
+    p0c = _float(scan.p0c, "p0c", fail)
+    if not (np.isfinite(p0c) and p0c > 0):
         fail(f"p0c must be a positive momentum in eV, got {scan.p0c}")
     try:
         sim.get_species(scan.species)
     except ValueError as err:
         fail(str(err))
-    if not (np.isfinite(scan.charge) and scan.charge >= 0):
+    charge = _float(scan.charge, "charge", fail)
+    if not (np.isfinite(charge) and charge >= 0):
         fail(f"charge is a magnitude in coulombs and must be >= 0, got {scan.charge}")
     try:
         lattice = sim.Lattice.from_list(scan.lattice)
     except (ValueError, TypeError, KeyError) as err:
-        fail(f"lattice: {err}")
-    settings = np.asarray(scan.settings)
+        fail(f"/lattice is not a valid lattice: {err}")
+
+    try:
+        settings = np.asarray(scan.settings, dtype=np.float64)
+    except (TypeError, ValueError):
+        fail(f"/settings must be numbers, got {type(scan.settings).__name__}")
     if settings.ndim != 2:
         fail(f"/settings must be 2-D (K settings, P parameters), got shape {settings.shape}")
     n_settings, n_params = settings.shape
     if n_settings < 1:
-        fail("/settings holds no settings")
-    if len(scan.setting_names) != n_params:
-        fail(f"/settings has {n_params} columns but {len(scan.setting_names)} names {list(scan.setting_names)}")
-    if not np.isfinite(settings).all():
-        fail("/settings contains NaN or infinite values")
+        fail("/settings holds no settings (K = 0)")
+    names = [str(n) for n in scan.setting_names]
+    if len(names) != n_params:
+        fail(f"/settings has {n_params} column(s) but {len(names)} name(s) {names}")
+    if len(set(names)) != len(names):
+        fail(f"/settings names repeat: {names}")
     try:
-        lattice.split_settings({name: 0.0 for name in scan.setting_names})
+        lattice.split_settings({name: 0.0 for name in names})
     except (KeyError, ValueError) as err:
         fail(f"unknown setting name: {err.args[0]}")
-    if len(set(scan.setting_names)) != len(scan.setting_names):
-        fail(f"setting names repeat: {list(scan.setting_names)}")
+    if not np.isfinite(settings).all():
+        rows = np.flatnonzero(~np.isfinite(settings).all(axis=1)).tolist()
+        fail(f"/settings contains NaN or infinite values (setting(s) {rows})")
+
     if not scan.screens:
         fail("/screens holds no screen")
     lattice_screens = lattice.screens
     for name, screen in scan.screens.items():
         where = f"/screens/{name}"
         if name not in lattice_screens:
-            fail(f"{where}: the lattice has no Screen named {name!r} (its screens: {sorted(lattice_screens)})")
+            try:
+                kind = f" ({name} is a {type(lattice[name]).__name__})"
+            except KeyError:
+                kind = ""
+            fail(f"{where}: the lattice has no Screen named {name!r}{kind}; its screens: {sorted(lattice_screens)}")
         element = lattice_screens[name]
-        images = np.asarray(screen.images)
+        try:
+            images = np.asarray(screen.images, dtype=np.float64)
+        except (TypeError, ValueError):
+            fail(f"{where}/images must be numbers")
         if images.ndim not in (3, 4):
             fail(f"{where}/images must be (K, H, W) or (K, S, H, W), got shape {images.shape}")
         if images.shape[0] != n_settings:
-            fail(f"{where}/images has {images.shape[0]} settings but /settings has {n_settings}")
+            fail(f"{where}/images has {images.shape[0]} setting(s) but /settings has {n_settings}")
         width, height = element.resolution
         if images.shape[-2:] != (height, width):
-            fail(f"{where}/images are {images.shape[-2]}x{images.shape[-1]} (H x W) but the lattice screen "
-                 f"{name} has resolution {width}x{height} (W x H)")
-        per_setting = images.reshape(n_settings, -1)
-        nan = np.isnan(per_setting)
+            fail(f"{where}/images are {images.shape[-2]}x{images.shape[-1]} (H x W) but the lattice's Screen "
+                 f"{name} has resolution [{width}, {height}] (W, H), i.e. images {height}x{width}")
+        flat = images.reshape(-1, height * width)  # one row per image (per setting, per shot)
+        nan = np.isnan(flat)
         partial = nan.any(axis=1) & ~nan.all(axis=1)
         if partial.any():
-            fail(f"{where}/images: NaN pixels inside measured image(s) at setting(s) {np.flatnonzero(partial).tolist()} "
-                 "(only an entirely-NaN image may mark an unmeasured setting)")
-        if np.isinf(per_setting).any():
-            fail(f"{where}/images contain infinite pixels")
-        if (per_setting[~nan] < 0).any():
-            fail(f"{where}/images contain negative pixels (subtract backgrounds via the 'background' dataset)")
+            index = np.unravel_index(np.flatnonzero(partial), images.shape[:-2])
+            where_bad = list(zip(*(i.tolist() for i in index))) if images.ndim == 4 else index[0].tolist()
+            fail(f"{where}/images: NaN pixels inside measured image(s) at {'(setting, shot)' if images.ndim == 4 else 'setting'} "
+                 f"{where_bad}; only an entirely-NaN image may mark an unmeasured setting")
         if nan.all():
-            fail(f"{where}/images: no setting was measured (all images are NaN)")
+            fail(f"{where}/images: no image was measured (all are NaN)")
+        measured = flat[~nan.all(axis=1)]
+        if np.isinf(measured).any():
+            fail(f"{where}/images contain infinite pixels")
+        if (measured < 0).any():
+            fail(f"{where}/images contain negative pixels (min {measured.min():.3g}); images are intensities >= 0 "
+                 "(store a background in the 'background' dataset instead of subtracting it)")
         for key, expected in (("pixel_size", element.pixel_size), ("center", element.center)):
-            value = np.asarray(getattr(screen, key), dtype=np.float64)
-            if value.shape != (2,) or not np.allclose(value, expected.numpy(), rtol=1e-9, atol=1e-15):
-                fail(f"{where}: {key} {value.tolist()} disagrees with the lattice screen's {expected.tolist()}")
+            expected = expected.detach().cpu().numpy().astype(np.float64)
+            try:
+                value = np.asarray(getattr(screen, key), dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                fail(f"{where}: {key} must be two numbers, got {getattr(screen, key)!r}")
+            if value.shape != (2,) or not np.allclose(value, expected, rtol=1e-9, atol=1e-15):
+                fail(f"{where}: {key} {value.tolist()} disagrees with the lattice's Screen {name} {key} {expected.tolist()}")
         for key in ("background", "mask"):
             extra = getattr(screen, key)
-            if extra is not None:
-                extra = np.asarray(extra)
-                if extra.shape != (height, width):
-                    fail(f"{where}/{key} must have shape {(height, width)}, got {extra.shape}")
-                if not np.isfinite(extra).all():
-                    fail(f"{where}/{key} contains NaN or infinite values")
+            if extra is None:
+                continue
+            try:
+                extra = np.asarray(extra, dtype=np.float64)
+            except (TypeError, ValueError):
+                fail(f"{where}/{key} must be numbers")
+            if extra.shape != (height, width):
+                fail(f"{where}/{key} must have shape (H, W) = {(height, width)}, got {extra.shape}")
+            if not np.isfinite(extra).all():
+                fail(f"{where}/{key} contains NaN or infinite values")
+
     if scan.ground_truth is not None:
-        truth = np.asarray(scan.ground_truth)
-        if truth.ndim != 2 or truth.shape[1] != 6 or not np.isfinite(truth).all():
-            fail(f"/ground_truth must be finite particles (N, 6), got shape {truth.shape}")
+        try:
+            check_particles(scan.ground_truth)
+        except ValueError as err:
+            fail(f"/ground_truth: {err}")
     return lattice
 
 
-def _attr(node, key, source):
+def _attr(node, key: str, source: str):
     if key not in node.attrs:
         raise ScanFileError(f"{source}: attribute {key!r} missing on {node.name}")
     value = node.attrs[key]
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OSU" and value.size == 1 and value.ndim == 0:
+        value = value.item()
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _dataset(handle, path, source):
-    if path not in handle or not isinstance(handle[path], h5py.Dataset):
-        raise ScanFileError(f"{source}: {path} missing")
-    return handle[path]
+def _node(handle, path: str, kind, source: str):
+    node = handle.get(path)
+    if not isinstance(node, kind):
+        what = "group" if kind is h5py.Group else "dataset"
+        raise ScanFileError(f"{source}: {'/' + path.lstrip('/')} missing" + ("" if node is None else f" (not a {what})"))
+    return node
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def read_scan(path) -> ScanData:
-    """Read and validate a scan file."""
+    """Read a scan file and validate it (raises ScanFileError naming the first problem).
+
+    The ground truth's longitudinal reference is the one `write_scan` uses (reference particle at
+    t = 0, z = 0), so a written ground truth reads back exactly; see `psr.openpmd.read_openpmd`.
+    """
     source = str(path)
+
+    def fail(message):
+        raise ScanFileError(f"{source}: {message}")
+
     if not Path(path).is_file():
         raise ScanFileError(f"{source}: no such file")
     try:
@@ -153,58 +247,71 @@ def read_scan(path) -> ScanData:
     except OSError as err:
         raise ScanFileError(f"{source}: not an HDF5 file ({err})") from None
     with handle:
-        if _attr(handle, "psr_format", source) != FORMAT:
-            raise ScanFileError(f"{source}: psr_format is {handle.attrs['psr_format']!r}, expected {FORMAT!r}")
-        version = int(_attr(handle, "psr_version", source))
+        psr_format = _text(_attr(handle, "psr_format", source))
+        if psr_format != FORMAT:
+            raise ScanFileError(f"{source}: psr_format is {psr_format!r}, expected {FORMAT!r} (not a psr scan file)")
+        version = _attr(handle, "psr_version", source)
+        try:
+            version = int(np.asarray(version).reshape(-1)[0])
+        except (TypeError, ValueError):
+            raise ScanFileError(f"{source}: psr_version must be an integer, got {version!r}") from None
         if version != VERSION:
             raise ScanFileError(f"{source}: psr_version {version} is not supported (this psr reads version {VERSION})")
-        if "lattice" not in handle:
-            raise ScanFileError(f"{source}: /lattice missing")
+        p0c, species, charge = (_attr(handle, key, source) for key in ("p0c", "species", "charge"))
+        lattice_text = _text(_attr(_node(handle, "lattice", h5py.Group, source), "yaml", source))
         try:
-            lattice_items = sim.lattice.load_lattice_text(str(_attr(handle["lattice"], "yaml", source)), f"{source}:/lattice")
+            lattice_items = load_lattice_text(lattice_text, f"{source}:/lattice")
         except ValueError as err:
             raise ScanFileError(str(err)) from None
-        settings_node = _dataset(handle, "settings", source)
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.atleast_1d(_attr(settings_node, "names", source))]
-        if "screens" not in handle:
-            raise ScanFileError(f"{source}: /screens missing")
+        settings_node = _node(handle, "settings", h5py.Dataset, source)
+        names = [_text(n) for n in np.atleast_1d(_attr(settings_node, "names", source)).reshape(-1)]
         screens = {}
-        for name, group in handle["screens"].items():
-            images = _dataset(handle, f"screens/{name}/images", source)[()]
+        for name in _node(handle, "screens", h5py.Group, source):
+            group = _node(handle, f"screens/{name}", h5py.Group, source)
+            images = _node(group, "images", h5py.Dataset, f"{source}: /screens/{name}")
+            extras = {}
+            for key in ("background", "mask"):
+                if key in group:
+                    extras[key] = np.asarray(_node(group, key, h5py.Dataset, f"{source}: /screens/{name}")[()])
             screens[name] = ScreenData(
-                images=images,
-                pixel_size=tuple(np.asarray(_attr(group, "pixel_size", source), dtype=float).ravel().tolist()),
-                center=tuple(np.asarray(group.attrs.get("center", (0.0, 0.0)), dtype=float).ravel().tolist()),
-                background=group["background"][()] if "background" in group else None,
-                mask=group["mask"][()] if "mask" in group else None,
+                images=np.asarray(images[()], dtype=np.float32),
+                pixel_size=tuple(np.asarray(_attr(group, "pixel_size", source), dtype=np.float64).reshape(-1).tolist()),
+                center=tuple(np.asarray(_attr(group, "center", source), dtype=np.float64).reshape(-1).tolist()),
+                **extras,
             )
-        p0c = float(_attr(handle, "p0c", source))
-        truth = None
-        if "ground_truth" in handle:
-            try:
-                truth = read_openpmd(handle["ground_truth"], p0c=p0c).particles
-            except ValueError as err:
-                raise ScanFileError(f"{source}: /ground_truth: {err}") from None
         scan = ScanData(
             lattice=lattice_items, settings=np.asarray(settings_node[()], dtype=np.float64), setting_names=names,
-            screens=screens, p0c=p0c, species=str(_attr(handle, "species", source)),
-            charge=float(_attr(handle, "charge", source)), ground_truth=truth,
+            screens=screens, p0c=p0c, species=_text(species), charge=charge,
         )
+        scan.p0c, scan.charge = _float(p0c, "p0c", fail), _float(charge, "charge", fail)
+        if "ground_truth" in handle:
+            truth_node = _node(handle, "ground_truth", h5py.Group, source)
+            try:
+                truth = read_openpmd(truth_node, p0c=scan.p0c if scan.p0c > 0 else None, t_ref=0.0, z_ref=0.0)
+            except ValueError as err:
+                raise ScanFileError(f"{source}: /ground_truth is not a valid openPMD bunch: {err}") from None
+            try:
+                same = sim.get_species(scan.species).name == truth.species
+            except ValueError:
+                same = True  # validate_scan reports the unknown species
+            if not same:
+                raise ScanFileError(f"{source}: /ground_truth holds {truth.species}s but the file's species is {scan.species!r}")
+            scan.ground_truth = truth.particles
     validate_scan(scan, source)
     return scan
 
 
 def write_scan(path, scan: ScanData) -> Path:
-    """Validate, then write a scan file atomically (temporary file in the same folder, then rename)."""
+    """Validate `scan`, then write it to `path` atomically.
+
+    Nothing is written when validation fails; the file is written to a temporary file in the same
+    folder and renamed over `path` (os.replace), so a failure never leaves a partial file.
+    """
     path = Path(path)
     validate_scan(scan, str(path))
-    fd, tmp = tempfile.mkstemp(suffix=".h5.tmp", dir=path.parent)
-    os.close(fd)
-    _umask = os.umask(0)
-    os.umask(_umask)
-    os.chmod(tmp, 0o666 & ~_umask)
+    tmp = _temporary_sibling(path)
     try:
-        with h5py.File(tmp, "w") as handle:
+        with h5py.File(tmp, "w-") as handle:
             handle.attrs["psr_format"] = FORMAT
             handle.attrs["psr_version"] = VERSION
             handle.attrs["p0c"] = float(scan.p0c)
@@ -212,12 +319,14 @@ def write_scan(path, scan: ScanData) -> Path:
             handle.attrs["charge"] = float(scan.charge)
             handle.create_group("lattice").attrs["yaml"] = scan.lattice_yaml
             settings = handle.create_dataset("settings", data=np.asarray(scan.settings, dtype=np.float64))
-            settings.attrs["names"] = np.array(list(scan.setting_names), dtype=h5py.string_dtype())
+            settings.attrs["names"] = np.array([str(n) for n in scan.setting_names], dtype=h5py.string_dtype())
+            screens = handle.create_group("screens")
             for name, screen in scan.screens.items():
-                group = handle.create_group(f"screens/{name}")
-                group.create_dataset("images", data=np.asarray(screen.images, dtype=np.float32), compression="gzip")
-                group.attrs["pixel_size"] = np.asarray(screen.pixel_size, dtype=np.float64)
-                group.attrs["center"] = np.asarray(screen.center, dtype=np.float64)
+                group = screens.create_group(name)
+                group.create_dataset("images", data=np.asarray(screen.images, dtype=np.float32),
+                                     compression="gzip", compression_opts=4, shuffle=True)
+                group.attrs["pixel_size"] = np.asarray(screen.pixel_size, dtype=np.float64).reshape(2)
+                group.attrs["center"] = np.asarray(screen.center, dtype=np.float64).reshape(2)
                 for key in ("background", "mask"):
                     if getattr(screen, key) is not None:
                         group.create_dataset(key, data=np.asarray(getattr(screen, key), dtype=np.float32))
@@ -225,6 +334,6 @@ def write_scan(path, scan: ScanData) -> Path:
                 write_bunch(handle.create_group("ground_truth"), scan.ground_truth, scan.p0c, scan.species, scan.charge)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -14,10 +14,22 @@ def _pixel_centres(n: int, size: torch.Tensor, centre: torch.Tensor) -> torch.Te
 
 
 def gaussian_blur_matrix(n: int, size: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """(n, n) matrix G with G[i, j] = size * N(x_i - x_j; sigma): a point-sampled Gaussian blur."""
-    offsets = (torch.arange(n, dtype=size.dtype, device=size.device) * size)
-    diff = offsets[:, None] - offsets[None, :]
-    return size / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-0.5 * (diff / sigma) ** 2)
+    """(n, n) blur matrix G[i, j] = w(i - j): a discrete kernel of unit sum whose variance is sigma^2.
+
+    For sigma >= 0.7 size the kernel is a sampled Gaussian normalized to unit sum (its variance is
+    then sigma^2 to better than 1e-3); below that, the three taps [a, 1 - 2a, a] with
+    a = sigma^2 / (2 size^2). Flux blurred past the edges of the grid is lost, as on a real screen.
+    """
+    offsets = torch.arange(-(n - 1), n, dtype=size.dtype, device=size.device)
+    s = sigma / size
+    if bool(s >= 0.7):
+        weights = torch.exp(-0.5 * (offsets / s) ** 2)
+        weights = weights / weights.sum()
+    else:
+        a = 0.5 * s**2
+        weights = torch.where(offsets == 0, 1 - 2 * a, torch.where(offsets.abs() == 1, a, torch.zeros_like(offsets)))
+    index = torch.arange(n, device=size.device)
+    return weights[(index[:, None] - index[None, :]) + (n - 1)]
 
 
 def deposit_cic(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

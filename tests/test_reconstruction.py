@@ -58,4 +58,4 @@ def test_fit_recovers_emittances(small_scan, tmp_path):
         assert (tmp_path / "quad_scan_4d").exists()
         assert __import__("os").path.exists(f"{run_dir}/{name}"), name
     with h5py.File(f"{run_dir}/beam.h5") as handle:
-        assert handle.attrs["openPMD"] == "2.0.0"
+        assert handle.attrs["openPMD"] == b"2.0.0"
