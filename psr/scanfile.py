@@ -268,11 +268,11 @@ def read_scan(path) -> ScanData:
         screens = {}
         for name in _node(handle, "screens", h5py.Group, source):
             group = _node(handle, f"screens/{name}", h5py.Group, source)
-            images = _node(group, "images", h5py.Dataset, f"{source}: /screens/{name}")
+            images = _node(handle, f"screens/{name}/images", h5py.Dataset, source)
             extras = {}
             for key in ("background", "mask"):
                 if key in group:
-                    extras[key] = np.asarray(_node(group, key, h5py.Dataset, f"{source}: /screens/{name}")[()])
+                    extras[key] = np.asarray(_node(handle, f"screens/{name}/{key}", h5py.Dataset, source)[()])
             screens[name] = ScreenData(
                 images=np.asarray(images[()], dtype=np.float32),
                 pixel_size=tuple(np.asarray(_attr(group, "pixel_size", source), dtype=np.float64).reshape(-1).tolist()),

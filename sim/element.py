@@ -30,7 +30,14 @@ class Element(nn.Module):
             if isinstance(value, nn.Parameter):
                 self.register_parameter(key, value)
             else:
-                value = torch.as_tensor(value, dtype=torch.float64) if not torch.is_tensor(value) else value
+                if not torch.is_tensor(value):
+                    try:
+                        value = torch.as_tensor(value, dtype=torch.float64)
+                    except (TypeError, ValueError, RuntimeError):
+                        raise ValueError(
+                            f"{type(self).__name__} {self.name}: {key} must be a number or a list of numbers, "
+                            f"got {value!r}"
+                        ) from None
                 if not value.is_floating_point():
                     value = value.to(torch.float64)
                 self.register_buffer(key, value)

@@ -121,7 +121,7 @@ class Lattice(nn.Module):
                 matrix = m if matrix is None else m @ matrix
             elif isinstance(element, Screen):
                 particles, matrix = _apply(particles, matrix), None
-                images[element.name] = element.image(particles)
+                images[element.name] = element.image(particles, overrides=overrides)
             else:
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
         particles = _apply(particles, matrix)
@@ -135,12 +135,30 @@ def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor
     return particles @ matrix.transpose(-1, -2)
 
 
+def _yaml_loader():
+    """PyYAML's SafeLoader (YAML 1.1) reads `1e-3` (an exponent without a dot, as JSON writes it) as a
+    string; this loader reads it as a float, as YAML 1.2 and JSON do."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
 def load_lattice_text(text: str, source: str = "lattice") -> list:
     """Parse YAML (or JSON, a subset) lattice text into entries."""
     import yaml
 
     try:
-        items = yaml.safe_load(text)
+        items = yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as err:
         try:
             items = json.loads(text)

@@ -97,21 +97,40 @@ class Screen(Element):
         entry["method"] = self.method
         return entry
 
-    def pixel_centres(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pixel_centres(self, like: torch.Tensor, overrides: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Centres of columns (W,) in x and rows (H,) in y [m]."""
-        p = self.parameter_values(None, like)
+        p = self.screen_values(overrides, like)
         width, height = self.resolution
         return (_pixel_centres(width, p["pixel_size"][0], p["center"][0]),
                 _pixel_centres(height, p["pixel_size"][1], p["center"][1]))
 
-    def image(self, particles: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Image (..., H, W) of particles (..., N, 6); optional weight (N,) sums to 1 by default."""
+    def screen_values(self, overrides: dict | None, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter values with `overrides` (lattice settings) applied; a screen's parameters are one
+        value for the whole scan, so an override must have the parameter's own shape."""
+        p = self.parameter_values(overrides, like)
+        for key in overrides or {}:
+            if p[key].shape != getattr(self, key).shape:
+                raise ValueError(
+                    f"Screen {self.name}: setting {key} must have shape {tuple(getattr(self, key).shape)} "
+                    f"(screen parameters cannot vary per setting), got {tuple(p[key].shape)}"
+                )
+            self._check(key, p[key].detach())
+            if key == "pixel_size" and (p[key] <= 0).any():
+                raise ValueError(f"Screen {self.name}: pixel_size must be positive, got {p[key].tolist()}")
+        return p
+
+    def image(self, particles: torch.Tensor, weight: torch.Tensor | None = None,
+              overrides: dict | None = None) -> torch.Tensor:
+        """Image (..., H, W) of particles (..., N, 6); optional weight (N,) sums to 1 by default.
+
+        overrides: screen parameters given as lattice settings (e.g. {"psf_sigma": ...}).
+        """
         lead = particles.shape[:-2]
         n = particles.shape[-2]
         flat = particles.reshape(-1, n, 6)
         if weight is None:
             weight = torch.full((n,), 1.0 / n, dtype=particles.dtype, device=particles.device)
-        p = self.parameter_values(None, particles)
+        p = self.screen_values(overrides, particles)
         width, height = self.resolution
         (dx, dy), (cx, cy), (sx, sy) = p["pixel_size"], p["center"], p["psf_sigma"]
         if self.method == "kde":
@@ -128,8 +147,9 @@ class Screen(Element):
         return img.reshape(*lead, height, width)
 
     def _kde(self, flat, weight, p):
-        xs, ys = self.pixel_centres(flat)
-        (dx, dy), (sx, sy) = p["pixel_size"], p["psf_sigma"]
+        width, height = self.resolution
+        (dx, dy), (cx, cy), (sx, sy) = p["pixel_size"], p["center"], p["psf_sigma"]
+        xs, ys = _pixel_centres(width, dx, cx), _pixel_centres(height, dy, cy)
         h = p["kde_bandwidth"]
         hx = (h**2 + sx**2).sqrt().clamp(min=dx / 2)
         hy = (h**2 + sy**2).sqrt().clamp(min=dy / 2)
