@@ -1,7 +1,6 @@
 """Lattice: an ordered list of elements, built from lattice files, tracked with named settings."""
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,12 +14,26 @@ from .screen import Screen
 ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Screen)}
 
 
-@dataclass
 class TrackResult:
-    """The beam at the end of the lattice and the images of every screen, by screen name."""
+    """The beam at the end of the lattice and the images of every screen, by screen name.
 
-    beam: ParticleBeam
-    images: dict[str, torch.Tensor]
+    `beam` may be given as a function that makes it: it is then computed when first asked for
+    (fitting to images never needs the (K, N, 6) particles at the end of the lattice).
+    """
+
+    def __init__(self, beam, images: dict[str, torch.Tensor]):
+        self._beam = beam
+        self.images = images
+
+    @property
+    def beam(self) -> ParticleBeam:
+        if not isinstance(self._beam, ParticleBeam):
+            self._beam = self._beam()
+        return self._beam
+
+    def __repr__(self) -> str:
+        beam = self._beam if isinstance(self._beam, ParticleBeam) else "(not computed yet)"
+        return f"TrackResult(beam={beam}, images={ {k: tuple(v.shape) for k, v in self.images.items()} })"
 
 
 def parse_setting_name(name: str) -> tuple[str, str]:
@@ -35,8 +48,9 @@ class Lattice(nn.Module):
     """A beamline. `lattice(beam, settings={"Q1.k1": k})` tracks the beam and images every screen.
 
     Settings broadcast: values of shape (K,) give a final beam (K, N, 6) and images (K, H, W).
-    Consecutive linear elements are multiplied into one matrix per setting before it touches the
-    particles, so a whole scan costs one particle transform per screen.
+    Linear elements are multiplied into one matrix per setting before it touches the particles: a
+    screen transforms only x and y (two rows of the matrix), and the final beam is computed when
+    `TrackResult.beam` is first read.
     """
 
     def __init__(self, elements: list[Element], space_charge=None):
@@ -112,7 +126,7 @@ class Lattice(nn.Module):
     def forward(self, beam: ParticleBeam, settings: dict | None = None) -> TrackResult:
         grouped = self.split_settings(settings)
         particles = beam.particles
-        matrix = None
+        matrix = None  # the map from the start of the lattice, (..., 6, 6)
         images = {}
         for element in self.elements:
             overrides = grouped.get(element.name)
@@ -120,12 +134,11 @@ class Lattice(nn.Module):
                 m = element.transfer_map(beam.p0c, beam.species, particles, overrides)
                 matrix = m if matrix is None else m @ matrix
             elif isinstance(element, Screen):
-                particles, matrix = _apply(particles, matrix), None
-                images[element.name] = element.image(particles, overrides=overrides)
+                x, y = _apply_xy(particles, matrix)
+                images[element.name] = element.image_xy(x, y, overrides=overrides)
             else:
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
-        particles = _apply(particles, matrix)
-        return TrackResult(beam.with_particles(particles), images)
+        return TrackResult(lambda: beam.with_particles(_apply(particles, matrix)), images)
 
 
 def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
@@ -133,6 +146,19 @@ def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor
     if matrix is None:
         return particles
     return particles @ matrix.transpose(-1, -2)
+
+
+def _apply_xy(particles: torch.Tensor, matrix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y (..., N) of particles (..., N, 6) transformed by matrix (..., 6, 6).
+
+    Only the x and y rows of the matrix are applied, as (..., 2, 6) @ (6, N): for a scan of one
+    input beam that is one matrix product with contiguous (settings x N) outputs, and its backward
+    never builds a (..., N, 6) gradient.
+    """
+    if matrix is None:
+        return particles[..., 0], particles[..., 2]
+    xy = matrix[..., [0, 2], :] @ particles.transpose(-1, -2)
+    return xy[..., 0, :], xy[..., 1, :]
 
 
 def _yaml_loader():

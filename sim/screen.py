@@ -32,30 +32,120 @@ def gaussian_blur_matrix(n: int, size: torch.Tensor, sigma: torch.Tensor) -> tor
     return weights[(index[:, None] - index[None, :]) + (n - 1)]
 
 
+_CIC_CHUNK = 1 << 17  # particles per chunk of the CIC deposit on CPU: its temporaries stay in cache
+
+
+def _cic_chunks(batch: int, n: int, device: torch.device):
+    """(rows, columns) slices covering (batch, n) in chunks of about _CIC_CHUNK particles (on CPU;
+    an accelerator takes much larger chunks: it has no cache to fit and pays per kernel launch)."""
+    chunk = _CIC_CHUNK if device.type == "cpu" else _CIC_CHUNK << 6
+    if n == 0:
+        return
+    if n >= chunk:
+        for b in range(batch):
+            for start in range(0, n, chunk):
+                yield slice(b, b + 1), slice(start, min(start + chunk, n))
+    else:
+        rows = chunk // n
+        for b in range(0, batch, rows):
+            yield slice(b, min(b + rows, batch)), slice(0, n)
+
+
+def _cic_cells(x, y, rows: slice, height: int, width: int):
+    """Cells of a chunk in the padded grid: flat index of the lower-left corner and the fractions.
+
+    The grid is padded by two cells below and three above each axis, and positions are clamped to
+    [-2, W + 1] x [-2, H + 1] (NaN to -2): every particle's four corners fall inside the padded grid,
+    and a particle off the screen has all four in the padding, which is cropped away (so it adds
+    nothing to the image and gets no gradient). No masks, no out-of-range indices.
+    """
+    hp, wp = height + 5, width + 5
+    x = torch.clamp(x, -2.0, width + 1.0).nan_to_num_(nan=-2.0)
+    y = torch.clamp(y, -2.0, height + 1.0).nan_to_num_(nan=-2.0)
+    x0, y0 = torch.floor(x), torch.floor(y)
+    idx = x0.long().add_(y0.long(), alpha=wp)
+    idx += (torch.arange(rows.start, rows.stop, device=x.device) * (hp * wp) + (2 * wp + 2)).unsqueeze(-1)
+    return idx, x.sub_(x0), y.sub_(y0)
+
+
+class _DepositCIC(torch.autograd.Function):
+    """Cloud-in-cell deposit with a hand-written backward, both done chunk by chunk.
+
+    Autograd through the elementwise deposit kept a dozen full-size temporaries per particle and
+    setting alive and streamed them through memory; here only x, y and the weight are saved and the
+    cells are recomputed in the backward. First derivatives only (once_differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, weight, height, width):
+        batch, n = x.shape
+        hp, wp = height + 5, width + 5
+        flat = torch.zeros(batch * hp * wp, dtype=x.dtype, device=x.device)
+        for rows, cols in _cic_chunks(batch, n, x.device):
+            idx, fx, fy = _cic_cells(x[rows, cols], y[rows, cols], rows, height, width)
+            w = weight[cols] if weight.ndim == 1 else weight[rows, cols]
+            wy1 = fy * w
+            wy0 = w - wy1
+            w01 = wy0 * fx
+            w11 = wy1 * fx
+            idx = idx.reshape(-1)
+            flat.scatter_add_(0, idx, (wy0 - w01).reshape(-1))
+            flat.scatter_add_(0, idx + 1, w01.reshape(-1))
+            flat.scatter_add_(0, idx + wp, (wy1 - w11).reshape(-1))
+            flat.scatter_add_(0, idx + (wp + 1), w11.reshape(-1))
+        ctx.save_for_backward(x, y, weight)
+        ctx.grid = (height, width)
+        return flat.reshape(batch, hp, wp)[:, 2:height + 2, 2:width + 2].contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, y, weight = ctx.saved_tensors
+        height, width = ctx.grid
+        batch, n = x.shape
+        wp = width + 5
+        g = torch.nn.functional.pad(grad, (2, 3, 2, 3)).reshape(-1)
+        need_x, need_y, need_w = ctx.needs_input_grad[:3]
+        gx = torch.empty_like(x) if need_x else None
+        gy = torch.empty_like(y) if need_y else None
+        gw = torch.zeros_like(weight) if need_w else None
+        for rows, cols in _cic_chunks(batch, n, x.device):
+            idx, fx, fy = _cic_cells(x[rows, cols], y[rows, cols], rows, height, width)
+            shape, idx = idx.shape, idx.reshape(-1)
+            g00 = g.index_select(0, idx).reshape(shape)
+            g01 = g.index_select(0, idx + 1).reshape(shape)
+            g10 = g.index_select(0, idx + wp).reshape(shape)
+            g11 = g.index_select(0, idx + (wp + 1)).reshape(shape)
+            dx0, dx1 = g01 - g00, g11 - g10  # d(image gradient)/d fx along the two rows
+            row0, row1 = g00 + fx * dx0, g10 + fx * dx1  # interpolated along the two rows
+            w = weight[cols] if weight.ndim == 1 else weight[rows, cols]
+            if need_x:
+                gx[rows, cols] = (dx0 + fy * (dx1 - dx0)) * w
+            if need_y:
+                gy[rows, cols] = (row1 - row0) * w
+            if need_w:
+                value = row0 + fy * (row1 - row0)
+                if weight.ndim == 1:
+                    gw[cols] += value.sum(0)
+                else:
+                    gw[rows, cols] = value
+        return gx, gy, gw, None, None
+
+
 def deposit_cic(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Cloud-in-cell deposit of particles at fractional pixel coordinates.
 
     x, y: (B, N) column and row coordinates in pixels (pixel centres at integers); weight: (N,) or
     (B, N). Returns (B, H, W). Particles (or the parts of their cells) off the grid are dropped.
+    Differentiable once in x, y and weight (bilinear in the position within a cell).
     """
     height, width = shape
-    batch = x.shape[0]
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    weight = weight.expand_as(x)
-    base = torch.arange(batch, device=x.device).unsqueeze(-1) * (height * width)
-    indices, weights = [], []
-    for dx_, wx in ((0, 1 - fx), (1, fx)):
-        for dy_, wy in ((0, 1 - fy), (1, fy)):
-            col, row = x0 + dx_, y0 + dy_
-            inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
-            idx = base + row.clamp(0, height - 1) * width + col.clamp(0, width - 1)
-            indices.append(idx)
-            weights.append(torch.where(inside, wx * wy * weight, torch.zeros_like(wx)))
-    flat = torch.zeros(batch * height * width, dtype=x.dtype, device=x.device)
-    flat = flat.index_add(0, torch.cat(indices, -1).reshape(-1), torch.cat(weights, -1).reshape(-1))
-    return flat.reshape(batch, height, width)
+    weight = torch.as_tensor(weight, dtype=x.dtype, device=x.device)
+    if weight.ndim == 2 and weight.shape[0] == 1:
+        weight = weight[0]
+    if weight.ndim != 1:
+        weight = weight.expand_as(x)
+    return _DepositCIC.apply(x, y, weight, int(height), int(width))
 
 
 class Screen(Element):
@@ -125,19 +215,27 @@ class Screen(Element):
 
         overrides: screen parameters given as lattice settings (e.g. {"psf_sigma": ...}).
         """
-        lead = particles.shape[:-2]
-        n = particles.shape[-2]
-        flat = particles.reshape(-1, n, 6)
+        return self.image_xy(particles[..., 0], particles[..., 2], weight, overrides)
+
+    def image_xy(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                 overrides: dict | None = None) -> torch.Tensor:
+        """Image (..., H, W) of particles at transverse positions x, y (..., N) [m] (see `image`)."""
+        x, y = torch.broadcast_tensors(x, y)
+        lead, n = x.shape[:-1], x.shape[-1]
+        x, y = x.reshape(math.prod(lead), n), y.reshape(math.prod(lead), n)
         if weight is None:
-            weight = torch.full((n,), 1.0 / n, dtype=particles.dtype, device=particles.device)
-        p = self.screen_values(overrides, particles)
+            weight = torch.full((n,), 1.0 / max(n, 1), dtype=x.dtype, device=x.device)
+        elif weight.ndim > 1:
+            weight = weight.expand(*lead, n).reshape(math.prod(lead), n)
+        p = self.screen_values(overrides, x)
         width, height = self.resolution
         (dx, dy), (cx, cy), (sx, sy) = p["pixel_size"], p["center"], p["psf_sigma"]
         if self.method == "kde":
-            img = self._kde(flat, weight, p)
+            img = self._kde(x, y, weight, p)
         else:
-            col = (flat[..., 0] - cx) / dx + (width - 1) / 2
-            row = (flat[..., 2] - cy) / dy + (height - 1) / 2
+            # column and row in pixels (pixel centres at integers)
+            col = (x - (cx - (width - 1) / 2 * dx)) / dx
+            row = (y - (cy - (height - 1) / 2 * dy)) / dy
             img = deposit_cic(col, row, weight, (height, width))
             var_x, var_y = sx**2 - dx**2 / 6, sy**2 - dy**2 / 6
             if bool(var_y > 0):
@@ -146,13 +244,13 @@ class Screen(Element):
                 img = img @ gaussian_blur_matrix(width, dx, var_x.sqrt()).transpose(0, 1)
         return img.reshape(*lead, height, width)
 
-    def _kde(self, flat, weight, p):
+    def _kde(self, x, y, weight, p):
         width, height = self.resolution
         (dx, dy), (cx, cy), (sx, sy) = p["pixel_size"], p["center"], p["psf_sigma"]
         xs, ys = _pixel_centres(width, dx, cx), _pixel_centres(height, dy, cy)
         h = p["kde_bandwidth"]
         hx = (h**2 + sx**2).sqrt().clamp(min=dx / 2)
         hy = (h**2 + sy**2).sqrt().clamp(min=dy / 2)
-        kx = torch.exp(-0.5 * ((xs - flat[..., 0:1]) / hx) ** 2) * (dx / (hx * math.sqrt(2 * math.pi)))
-        ky = torch.exp(-0.5 * ((ys - flat[..., 2:3]) / hy) ** 2) * (dy / (hy * math.sqrt(2 * math.pi)))
+        kx = torch.exp(-0.5 * ((xs - x.unsqueeze(-1)) / hx) ** 2) * (dx / (hx * math.sqrt(2 * math.pi)))
+        ky = torch.exp(-0.5 * ((ys - y.unsqueeze(-1)) / hy) ** 2) * (dy / (hy * math.sqrt(2 * math.pi)))
         return (ky * weight.unsqueeze(-1)).transpose(-1, -2) @ kx

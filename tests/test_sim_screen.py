@@ -1,8 +1,6 @@
 """Screen images: orientation and pixel centres per the contract, weight conservation, moments with
 the point-spread function, non-negativity, and agreement with Cheetah's cloud-in-cell screen."""
 
-import math
-
 import pytest
 import torch
 
@@ -118,10 +116,13 @@ def test_cic_drops_off_screen_particles():
     xc, yc = centre_of(4, 6)
     mixed = at([xc, xc + DX / 3, far[0][0], far[2][0], xc], [yc, yc, far[0][1], far[2][1], yc - DY / 4])
     assert abs(float(s.image(mixed).sum()) - 3 / 5) < 1e-12
-    # half a cell past the last pixel centre, half the weight is kept (the other half is off the grid)
-    x_edge, y_mid = centre_of(4, W - 1)
-    img = s.image(at(x_edge + 0.5 * DX, y_mid))
-    assert abs(float(img.sum()) - 0.5) < 1e-12 and abs(float(img[4, W - 1]) - 0.5) < 1e-12
+    # a fraction f of a cell past an edge pixel centre keeps 1 - f in that pixel; the rest is off the grid
+    for (i, j), (sx, sy) in [((4, W - 1), (0.5, 0)), ((4, 0), (-0.3, 0)), ((0, 6), (0, -0.7)), ((H - 1, 6), (0, 0.2)),
+                             ((0, 0), (-0.5, -0.5))]:
+        x, y = centre_of(i, j)
+        img = s.image(at(x + sx * DX, y + sy * DY))
+        kept = (1 - abs(sx)) * (1 - abs(sy))
+        assert abs(float(img.sum()) - kept) < 1e-12 and abs(float(img[i, j]) - kept) < 1e-12, (i, j)
 
 
 # ---------------------------------------------------------------------------------------- moments
@@ -199,6 +200,83 @@ def test_images_non_negative(method, psf):
     p = gaussian_particles(2000, 4e-4, 6e-4, 2e-4, 0.0, seed=7)  # partly off the screen
     img = screen(method, psf_sigma=psf).image(p)
     assert (img >= 0).all() and img.sum() > 0
+
+
+@pytest.mark.parametrize("method,psf", [("cic", (2e-4, 4.5e-4)), ("cic", (0.9e-4, 1.5e-4)), ("kde", (2e-4, 4.5e-4))])
+def test_gradcheck_psf_sigma(method, psf):
+    """The image is differentiable in the PSF width (a screen parameter fitted as a lattice setting),
+    for the sampled-Gaussian blur, the sub-pixel three-tap blur and the KDE."""
+    lattice = sim.Lattice([sim.Drift(name="D", length=0.3), screen(method)])
+    beam = sim.ParticleBeam(gaussian_particles(200, 4e-4, 6e-4, CX, CY, seed=2), p0c=10e6)
+
+    def image(psf_sigma):
+        return lattice(beam, settings={"S.psf_sigma": psf_sigma}).images["S"]
+
+    psf = torch.tensor(psf, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(image, (psf,), eps=1e-9, atol=1e-6, rtol=1e-4)
+    (grad,) = torch.autograd.grad((image(psf) ** 2).sum(), psf)
+    assert (grad < 0).all()  # more blur, flatter image, smaller sum of squares
+
+
+# ------------------------------------------------------------------------- the chunked CIC deposit
+
+
+def reference_cic(x, y, weight, shape):
+    """Plain autograd cloud-in-cell: each particle's four corners, masked when off the grid."""
+    height, width = shape
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    img = torch.zeros(x.shape[0], height * width, dtype=x.dtype)
+    for dc, wx in ((0, 1 - fx), (1, fx)):
+        for dr, wy in ((0, 1 - fy), (1, fy)):
+            col, row = x0 + dc, y0 + dr
+            inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+            index = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long()
+            img = img.scatter_add(1, index, torch.where(inside, wx * wy * weight, 0.0))
+    return img.reshape(-1, height, width)
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 17])
+@pytest.mark.parametrize("weight_shape", ["shared", "per_setting"])
+def test_cic_deposit_matches_reference(monkeypatch, chunk, weight_shape):
+    """The chunked deposit with its hand-written backward equals plain autograd CIC: images and the
+    gradients in x, y and weight, for chunks that split rows, group rows, or take everything at once,
+    with particles on, off and straddling every edge."""
+    monkeypatch.setattr(sim.screen, "_CIC_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(1)
+    batch, n, shape = 3, 40, (6, 9)
+    x = torch.rand(batch, n, generator=gen, dtype=F64) * 13 - 2.5  # columns -2.5 .. 10.5 (W = 9)
+    y = torch.rand(batch, n, generator=gen, dtype=F64) * 10 - 2.0  # rows -2 .. 8 (H = 6)
+    x[0, :6] = torch.tensor([-1.0, -0.5, 8.0, 8.5, 9.0, 1e6])
+    y[1, :4] = torch.tensor([-1.0, -0.25, 5.5, -1e6])
+    w = torch.rand(n if weight_shape == "shared" else (batch, n), generator=gen, dtype=F64)
+    target = torch.rand(batch, *shape, generator=gen, dtype=F64)
+    results = []
+    for deposit in (sim.screen.deposit_cic, reference_cic):
+        xs, ys, ws = (t.clone().requires_grad_(True) for t in (x, y, w))
+        img = deposit(xs, ys, ws, shape)
+        ((img - target) ** 2).sum().backward()
+        results.append((img.detach(), xs.grad, ys.grad, ws.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=1e-13, rtol=1e-12)
+    total = float(w.sum()) * (batch if weight_shape == "shared" else 1)
+    assert 0.2 * total < float(results[0][0].sum()) < 0.9 * total  # some weight on the grid, some off it
+
+
+def test_cic_deposit_gradcheck_and_bad_values(monkeypatch):
+    monkeypatch.setattr(sim.screen, "_CIC_CHUNK", 5)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 12, generator=gen, dtype=F64) * 6 - 0.5
+    y = torch.rand(2, 12, generator=gen, dtype=F64) * 4 - 0.5
+    x = x.floor() + 0.1 + 0.8 * (x - x.floor())  # away from cell edges, where CIC has kinks
+    y = y.floor() + 0.1 + 0.8 * (y - y.floor())
+    w = torch.rand(12, generator=gen, dtype=F64)
+    inputs = tuple(t.requires_grad_(True) for t in (x, y, w))
+    assert torch.autograd.gradcheck(lambda a, b, c: sim.screen.deposit_cic(a, b, c, (4, 6)), inputs)
+    # NaN and infinite positions are dropped (no error, no NaN in the image)
+    bad = torch.tensor([[float("nan"), float("inf"), -float("inf"), 2.0]], dtype=F64)
+    img = sim.screen.deposit_cic(bad, torch.full_like(bad, 1.0), torch.ones(4, dtype=F64), (4, 6))
+    assert torch.isfinite(img).all() and float(img.sum()) == 1.0 and float(img[0, 1, 2]) == 1.0
 
 
 # ------------------------------------------------------------------------------- shapes and dtypes
