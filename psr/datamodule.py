@@ -1,5 +1,7 @@
 """LightningDataModule over a scan data file: settings and normalized images, split train/validation."""
 
+import warnings
+
 import lightning as L
 import numpy as np
 import torch
@@ -8,7 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 from .scanfile import ScanData, read_scan
 
 
-def prepare_images(screen) -> tuple[np.ndarray, np.ndarray]:
+EDGE_WARNING = 0.01  # fraction of an image's intensity in its outer frame above which we warn
+
+
+def prepare_images(screen, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Measured images (K, H, W) ready to fit and a (K,) flag of settings where the screen was measured.
 
     Shots are averaged, the background is subtracted (clipped at 0), the mask applied, and each
@@ -27,6 +32,14 @@ def prepare_images(screen) -> tuple[np.ndarray, np.ndarray]:
     if (total[measured] <= 0).any():
         raise ValueError("a measured image is empty (sums to zero after background and mask)")
     images = np.where(total > 0, images / np.where(total > 0, total, 1.0), 0.0)
+    edge = images.copy()
+    edge[..., 2:-2, 2:-2] = 0.0
+    clipped = np.flatnonzero(edge.sum(axis=(-1, -2)) > EDGE_WARNING)
+    if clipped.size:
+        warnings.warn(
+            f"screen {name}: more than {EDGE_WARNING:.0%} of the intensity lies in the outer two pixels of "
+            f"image(s) {clipped.tolist()}: the beam may extend past the screen, and the fit cannot see that part "
+            "(rms emittances come out low)", stacklevel=2)
     return images.astype(np.float32), measured
 
 
@@ -72,7 +85,7 @@ class ScanDataModule(L.LightningDataModule):
             val = index[:0]
         train = np.setdiff1d(index, val)
         self.train_index, self.val_index = train, val
-        prepared = {name: prepare_images(screen) for name, screen in self.scan.screens.items()}
+        prepared = {name: prepare_images(screen, name) for name, screen in self.scan.screens.items()}
         self.images = {name: torch.from_numpy(img) for name, (img, _) in prepared.items()}
         self.measured = {name: torch.from_numpy(flag) for name, (_, flag) in prepared.items()}
         self.settings = torch.from_numpy(self.scan.settings.astype(np.float32))

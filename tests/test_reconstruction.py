@@ -15,8 +15,8 @@ from psr.synthetic import SyntheticBeam
 LATTICE = [
     {"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
     {"type": "Drift", "name": "D1", "length": 2.0},
-    {"type": "Screen", "name": "YAG", "resolution": [64, 64], "pixel_size": [1.2e-4, 1.2e-4],
-     "psf_sigma": [6e-5, 6e-5]},
+    {"type": "Screen", "name": "YAG", "resolution": [64, 64], "pixel_size": [1.5e-4, 1.5e-4],
+     "psf_sigma": [1.5e-4, 1.5e-4]},
 ]
 
 
@@ -59,3 +59,15 @@ def test_fit_recovers_emittances(small_scan, tmp_path):
         assert __import__("os").path.exists(f"{run_dir}/{name}"), name
     with h5py.File(f"{run_dir}/beam.h5") as handle:
         assert handle.attrs["openPMD"] == b"2.0.0"
+
+
+def test_beam_past_the_screen_edge_warns():
+    from psr.datamodule import prepare_images
+    from psr.scanfile import ScreenData
+
+    images = np.zeros((2, 20, 20), dtype=np.float32)
+    images[:, 8:12, 8:12] = 1.0
+    prepare_images(ScreenData(images=images, pixel_size=(1e-3, 1e-3)), "S")  # well inside: silent
+    images[1, :, 0] = 1.0
+    with pytest.warns(UserWarning, match=r"screen S: .*image\(s\) \[1\]"):
+        prepare_images(ScreenData(images=images, pixel_size=(1e-3, 1e-3)), "S")
