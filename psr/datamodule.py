@@ -20,8 +20,10 @@ def prepare_images(screen, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     image normalized to unit sum. Unmeasured (all-NaN) images become zeros with flag False.
     """
     images = np.asarray(screen.images, dtype=np.float64)
-    if images.ndim == 4:
-        images = images.mean(axis=1)
+    if images.ndim == 4:  # average the shots that were taken (an all-NaN shot was not)
+        taken = ~np.isnan(images).all(axis=(-1, -2), keepdims=True)
+        count = taken.sum(axis=1)
+        images = np.where(count > 0, np.where(taken, np.nan_to_num(images), 0.0).sum(axis=1) / np.maximum(count, 1), np.nan)
     measured = ~np.isnan(images).all(axis=(-1, -2))
     images = np.nan_to_num(images, nan=0.0)
     if screen.background is not None:

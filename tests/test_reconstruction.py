@@ -71,3 +71,19 @@ def test_beam_past_the_screen_edge_warns():
     images[1, :, 0] = 1.0
     with pytest.warns(UserWarning, match=r"screen S: .*image\(s\) \[1\]"):
         prepare_images(ScreenData(images=images, pixel_size=(1e-3, 1e-3)), "S")
+
+
+def test_shots_are_averaged_and_missing_shots_ignored():
+    from psr.datamodule import prepare_images
+    from psr.scanfile import ScreenData
+
+    images = np.zeros((3, 2, 10, 10), dtype=np.float32)
+    images[:, 0, 4, 4] = 1.0
+    images[:, 1, 5, 5] = 3.0
+    images[1, 1] = np.nan  # one shot missing at setting 1
+    images[2] = np.nan  # setting 2 not measured at all
+    prepared, measured = prepare_images(ScreenData(images=images, pixel_size=(1e-3, 1e-3)), "S")
+    assert measured.tolist() == [True, True, False]
+    np.testing.assert_allclose(prepared[0, 4, 4], 0.25)  # (1 + 0) / 2 over (1 + 3) / 2
+    np.testing.assert_allclose(prepared[1, 4, 4], 1.0)  # only the first shot counts
+    assert prepared[2].sum() == 0
