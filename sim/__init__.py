@@ -1,6 +1,7 @@
 """psr.sim: differentiable beam dynamics (torch only: no ML, no files)."""
 
 from .beam import ParticleBeam
+from .bends import Dipole
 from .element import Element, LinearElement
 from .lattice import ELEMENT_TYPES, Lattice, TrackResult, parse_setting_name
 from .magnets import Drift, Quadrupole
@@ -8,7 +9,7 @@ from .screen import Screen
 from .species import SPECIES, Species, get_species, relativistic_factors
 
 __all__ = [
-    "ELEMENT_TYPES", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
+    "ELEMENT_TYPES", "Dipole", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
     "SPECIES", "Screen", "Species", "TrackResult", "get_species", "parse_setting_name",
     "relativistic_factors",
 ]

@@ -8,10 +8,11 @@ from torch import nn
 
 from .beam import ParticleBeam
 from .element import Element, LinearElement
+from .bends import Dipole
 from .magnets import Drift, Quadrupole
 from .screen import Screen
 
-ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Screen)}
+ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Dipole, Screen)}
 
 
 class TrackResult:

@@ -10,32 +10,49 @@ from .species import relativistic_factors
 _N_SERIES = 12  # terms of the power series used for |k1 L^2| < 1: error below 1/(2*_N_SERIES)!
 
 
-def cos_like(u: torch.Tensor) -> torch.Tensor:
-    """C(u) = cos(sqrt(u)) for u >= 0, cosh(sqrt(-u)) for u < 0; smooth (and exact) through u = 0."""
-    small = u.abs() < 1.0
+def _series(u: torch.Tensor, a: int) -> torch.Tensor:
+    """sum_n (-u)^n / (2n + a)!, the power series shared by the functions below (|u| < 1)."""
     series = torch.zeros_like(u)
-    term = torch.ones_like(u)
+    term = torch.full_like(u, 1.0 / math.factorial(a))
     for n in range(_N_SERIES):
         series = series + term
-        term = term * (-u) / ((2 * n + 1) * (2 * n + 2))
+        term = term * (-u) / ((2 * n + a + 1) * (2 * n + a + 2))
+    return series
+
+
+def _entire(u: torch.Tensor, a: int, closed) -> torch.Tensor:
+    """Series for |u| < 1, closed(u, sqrt|u|) elsewhere, without NaN gradients from the unused branch."""
+    small = u.abs() < 1.0
     safe = torch.where(small, torch.ones_like(u), u)
-    root = safe.abs().sqrt()
-    closed = torch.where(safe > 0, torch.cos(root), torch.cosh(root))
-    return torch.where(small, series, closed)
+    return torch.where(small, _series(u, a), closed(safe, safe.abs().sqrt()))
+
+
+def _cos(u, root):
+    return torch.where(u > 0, torch.cos(root), torch.cosh(root))
+
+
+def _sinc(u, root):
+    return torch.where(u > 0, torch.sin(root), torch.sinh(root)) / root
+
+
+def cos_like(u: torch.Tensor) -> torch.Tensor:
+    """C(u) = cos(sqrt(u)) for u >= 0, cosh(sqrt(-u)) for u < 0; smooth (and exact) through u = 0."""
+    return _entire(u, 0, _cos)
 
 
 def sinc_like(u: torch.Tensor) -> torch.Tensor:
     """S(u) = sin(sqrt(u))/sqrt(u) for u >= 0, sinh(sqrt(-u))/sqrt(-u) for u < 0; S(0) = 1."""
-    small = u.abs() < 1.0
-    series = torch.zeros_like(u)
-    term = torch.ones_like(u)
-    for n in range(_N_SERIES):
-        series = series + term
-        term = term * (-u) / ((2 * n + 2) * (2 * n + 3))
-    safe = torch.where(small, torch.ones_like(u), u)
-    root = safe.abs().sqrt()
-    closed = torch.where(safe > 0, torch.sin(root), torch.sinh(root)) / root
-    return torch.where(small, series, closed)
+    return _entire(u, 1, _sinc)
+
+
+def one_minus_cos_over_u(u: torch.Tensor) -> torch.Tensor:
+    """(1 - C(u)) / u, equal to 1/2 at u = 0."""
+    return _entire(u, 2, lambda v, root: (1 - _cos(v, root)) / v)
+
+
+def one_minus_sinc_over_u(u: torch.Tensor) -> torch.Tensor:
+    """(1 - S(u)) / u, equal to 1/6 at u = 0."""
+    return _entire(u, 3, lambda v, root: (1 - _sinc(v, root)) / v)
 
 
 def rotation_xy(angle: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
