@@ -9,10 +9,10 @@ from torch import nn
 from .beam import ParticleBeam
 from .element import Element, LinearElement
 from .bends import Dipole
-from .magnets import Drift, Quadrupole
+from .magnets import Drift, Quadrupole, Solenoid
 from .screen import Screen
 
-ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Dipole, Screen)}
+ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Dipole, Solenoid, Screen)}
 
 
 class TrackResult:

@@ -116,3 +116,35 @@ class Quadrupole(LinearElement):
             rot = rotation_xy(tilt, like)
             m = rot.transpose(-1, -2) @ m @ rot
         return m
+
+
+class Solenoid(LinearElement):
+    """Solenoid: `length` [m], strength `ks` = B_s / (B rho) [1/m] (Bmad's ks; Cheetah's k = ks/2).
+
+    With K = ks/2, C = cos(K L), S = sin(K L) and S_K = sin(K L)/K (L at K = 0):
+    [[C^2, C S_K, S C, S S_K], [-K S C, C^2, -K S^2, S C],
+     [-S C, -S S_K, C^2, C S_K], [K S^2, -S C, -K S C, C^2]] on (x, px, y, py): a focusing rotation,
+    turning a particle at +x towards -y for ks > 0; z += L pz / gamma0^2.
+    """
+
+    parameters_defaults = {"length": 0.0, "ks": 0.0}
+
+    def transfer_map(self, p0c, species, like, overrides=None):
+        p = self.parameter_values(overrides, like)
+        length, k = torch.broadcast_tensors(p["length"], 0.5 * p["ks"])
+        gamma, _ = relativistic_factors(p0c, species)
+        phase = k * length
+        c, s = torch.cos(phase), torch.sin(phase)
+        s_k = length * sinc_like(phase**2)
+        m = eye_like(length.shape, like)
+        rows = (
+            (c * c, c * s_k, s * c, s * s_k),
+            (-k * s * c, c * c, -k * s * s, s * c),
+            (-s * c, -s * s_k, c * c, c * s_k),
+            (k * s * s, -s * c, -k * s * c, c * c),
+        )
+        for i, row in enumerate(rows):
+            for j, value in enumerate(row):
+                m[..., i, j] = value
+        m[..., 4, 5] = length / gamma**2
+        return m
