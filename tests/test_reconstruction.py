@@ -87,3 +87,22 @@ def test_shots_are_averaged_and_missing_shots_ignored():
     np.testing.assert_allclose(prepared[0, 4, 4], 0.25)  # (1 + 0) / 2 over (1 + 3) / 2
     np.testing.assert_allclose(prepared[1, 4, 4], 1.0)  # only the first shot counts
     assert prepared[2].sum() == 0
+
+
+def test_simulate_from_an_openpmd_beam_file(tmp_path):
+    from psr.openpmd import write_openpmd
+
+    truth = SyntheticBeam(emittance_x=2e-8, beta_x=3.0, emittance_y=1e-8, beta_y=2.0).sample(3000, seed=5).numpy()
+    write_openpmd(tmp_path / "truth.h5", truth, p0c=60e6, charge=1e-10)
+    lattice = tmp_path / "lattice.yaml"
+    lattice.write_text(yaml.safe_dump(LATTICE))
+    path = simulate(str(tmp_path / "scan.h5"), str(lattice), {"Q1.k1": [0.0, 5.0]}, p0c=60e6,
+                    beam_file=str(tmp_path / "truth.h5"), charge=1e-10)
+    scan = read_scan(path)
+    np.testing.assert_allclose(scan.ground_truth[:, :4], truth[:, :4], rtol=0, atol=1e-15)
+    # the image centroid follows the beam: k1 = 0 leaves the centroid where the drift puts it
+    image = scan.screens["YAG"].images[0]
+    xs = (np.arange(64) - 31.5) * 1.5e-4
+    centroid = (image.sum(axis=0) * xs).sum() / image.sum()
+    expected = truth[:, 0].mean() + 2.1 * truth[:, 1].mean()
+    assert abs(centroid - expected) < 2e-6
