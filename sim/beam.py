@@ -11,7 +11,8 @@ class ParticleBeam:
     """A bunch of macro-particles.
 
     particles: tensor (..., N, 6) of (x [m], px, y [m], py, z [m], pz) in Bmad coordinates.
-    p0c: reference momentum [eV]. species: "electron", "positron" or "proton".
+    p0c: reference momentum [eV] (a number; a tensor of the settings shape after an RF cavity whose
+    voltage is scanned). species: "electron", "positron" or "proton".
     charge: bunch charge magnitude [C]; its sign comes from the species.
     """
 
@@ -19,18 +20,20 @@ class ParticleBeam:
         particles = torch.as_tensor(particles)
         if particles.ndim < 2 or particles.shape[-1] != 6:
             raise ValueError(f"particles must have shape (..., N, 6), got {tuple(particles.shape)}")
-        if not p0c > 0:
+        if torch.is_tensor(p0c) and p0c.numel() == 1 and not p0c.requires_grad:
+            p0c = p0c.item()
+        if not bool(torch.all(torch.as_tensor(p0c) > 0)):
             raise ValueError(f"p0c must be positive, got {p0c}")
         if charge < 0:
             raise ValueError(f"charge is a magnitude in coulombs and must be >= 0, got {charge}")
         self.particles = particles
-        self.p0c = float(p0c)
+        self.p0c = p0c if torch.is_tensor(p0c) else float(p0c)
         self.species = get_species(species)
         self.charge = float(charge)
 
-    def with_particles(self, particles: torch.Tensor) -> "ParticleBeam":
-        """The same reference and species with new particles."""
-        return ParticleBeam(particles, self.p0c, self.species, self.charge)
+    def with_particles(self, particles: torch.Tensor, p0c=None) -> "ParticleBeam":
+        """The same species and charge with new particles (and a new reference momentum p0c [eV])."""
+        return ParticleBeam(particles, self.p0c if p0c is None else p0c, self.species, self.charge)
 
     @property
     def n_particles(self) -> int:
@@ -72,7 +75,7 @@ class ParticleBeam:
         emit = torch.linalg.det(block).clamp(min=0).sqrt()
         if normalized:
             gamma, beta = relativistic_factors(self.p0c, self.species)
-            emit = emit * (beta * gamma) ** n_planes
+            emit = emit * torch.as_tensor(beta * gamma, dtype=emit.dtype) ** n_planes
         return emit
 
     def twiss(self, plane: str = "x") -> dict[str, torch.Tensor]:
@@ -90,6 +93,6 @@ class ParticleBeam:
 
     def __repr__(self) -> str:
         return (
-            f"ParticleBeam(shape={tuple(self.particles.shape)}, p0c={self.p0c:.6g} eV, "
+            f"ParticleBeam(shape={tuple(self.particles.shape)}, p0c={self.p0c} eV, "
             f"species={self.species.name}, charge={self.charge:.3g} C)"
         )

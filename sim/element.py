@@ -3,6 +3,9 @@
 import torch
 from torch import nn
 
+from .species import relativistic_factors
+from .tracking import per_particle, stack, to_element_frame, to_lab_frame
+
 
 class Element(nn.Module):
     """A lattice element with named parameters.
@@ -15,10 +18,18 @@ class Element(nn.Module):
 
     parameters_defaults: dict[str, object] = {}
     non_negative: tuple[str, ...] = ("length",)
+    tracking_methods: tuple[str, ...] = ()  # how particles can be tracked; the first is the default
 
-    def __init__(self, name: str | None = None, **values):
+    def __init__(self, name: str | None = None, tracking: str | None = None, num_steps: int = 1, **values):
         super().__init__()
         self.name = name or type(self).__name__
+        if tracking is not None and tracking not in self.tracking_methods:
+            known = ", ".join(self.tracking_methods) or "none (it does not track particles)"
+            raise ValueError(f"{type(self).__name__} {self.name}: unknown tracking {tracking!r}; known: {known}")
+        self.tracking = tracking or (self.tracking_methods[0] if self.tracking_methods else None)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"{type(self).__name__} {self.name}: num_steps must be a positive integer, got {num_steps!r}")
+        self.num_steps = num_steps
         unknown = set(values) - set(self.parameters_defaults)
         if unknown:
             raise ValueError(
@@ -66,23 +77,82 @@ class Element(nn.Module):
     def to_dict(self) -> dict:
         """The lattice-file entry of this element."""
         entry = {"type": type(self).__name__, "name": self.name}
+        if self.tracking_methods and self.tracking != self.tracking_methods[0]:
+            entry["tracking"] = self.tracking
+        if self.num_steps != 1:
+            entry["num_steps"] = self.num_steps
         for key in self.parameters_defaults:
             value = getattr(self, key).detach().cpu()
             entry[key] = value.item() if value.ndim == 0 else value.tolist()
         return entry
 
+    def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
+        """Track particles (..., N, 6) through the element: returns (particles, p0c after it [eV])."""
+        raise NotImplementedError(f"{type(self).__name__} {self.name} does not track particles")
+
     def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+        return f"name={self.name!r}" + (f", tracking={self.tracking!r}" if self.tracking else "")
 
 
 class LinearElement(Element):
-    """An element whose effect on the beam is a 6x6 transfer matrix."""
+    """An element with a 6x6 transfer matrix (`tracking="linear"`) and, where listed in
+    `tracking_methods`, particle-by-particle methods implemented in `track_body` (element frame).
 
-    def transfer_map(self, p0c: float, species, like: torch.Tensor, overrides: dict | None = None) -> torch.Tensor:
-        """Transfer matrix (..., 6, 6) in Bmad coordinates; `...` is the settings shape."""
+    Elements with `x_offset`, `y_offset` [m] (and `tilt` [rad]) parameters are misaligned by them:
+    particles enter the element frame (offsets subtracted, then rotated by the tilt) and leave it.
+    """
+
+    tracking_methods = ("linear",)
+    affine = False  # True: the linear method adds a zeroth-order term (done in track_body)
+
+    def transfer_map(self, p0c, species, like: torch.Tensor, overrides: dict | None = None) -> torch.Tensor:
+        """Transfer matrix (..., 6, 6) in Bmad coordinates, tilt included; `...` is the settings shape."""
         raise NotImplementedError
+
+    def track_body(self, coords: tuple, p: dict, p0c, species) -> tuple:
+        """Nonlinear tracking of coords (x, px, y, py, z, pz) in the element frame (`self.tracking`)."""
+        raise NotImplementedError
+
+    def offsets(self, p: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(x_offset, y_offset) when the element has them and they may be non-zero, else None."""
+        if "x_offset" not in p:
+            return None
+        dx, dy = p["x_offset"], p["y_offset"]
+        if dx.requires_grad or dy.requires_grad or bool((dx != 0).any()) or bool((dy != 0).any()):
+            return dx, dy
+        return None
+
+    def is_matrix(self, overrides: dict | None, like: torch.Tensor) -> bool:
+        """True when the element acts on the beam as its transfer matrix alone (linear and aligned)."""
+        if self.tracking != "linear" or self.affine:
+            return False
+        return self.offsets(self.parameter_values(overrides, like)) is None
+
+    def track(self, particles, p0c, species, overrides=None):
+        p = self.parameter_values(overrides, particles)
+        offsets = self.offsets(p)
+        if self.tracking == "linear" and not self.affine:
+            m = self.transfer_map(p0c, species, particles, overrides)
+            if offsets is None:
+                return particles @ m.transpose(-1, -2), p0c
+            shift = torch.stack(torch.broadcast_tensors(offsets[0], torch.zeros_like(offsets[0]), offsets[1]), -1)
+            shift = torch.nn.functional.pad(shift, (0, 3)).unsqueeze(-2)  # (..., 1, 6)
+            return (particles - shift) @ m.transpose(-1, -2) + shift, p0c
+        zero = torch.zeros((), dtype=particles.dtype, device=particles.device)
+        dx, dy = offsets if offsets is not None else (zero, zero)
+        frame = per_particle(dx), per_particle(dy), per_particle(p.get("tilt", zero))
+        coords = to_element_frame(particles.unbind(-1), *frame)
+        coords = self.track_body(coords, p, p0c, species)
+        return stack(to_lab_frame(coords, *frame)), p0c
 
 
 def eye_like(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """Identity matrices (*shape, 6, 6) in `like`'s dtype and device."""
     return torch.eye(6, dtype=like.dtype, device=like.device).expand(*shape, 6, 6).clone()
+
+
+def lorentz_gamma(p0c, species, like: torch.Tensor) -> torch.Tensor:
+    """Lorentz factor of the reference particle as a tensor of `like`'s dtype; p0c [eV] may be a
+    settings tensor (...) (after an RF cavity whose voltage is scanned)."""
+    gamma, _ = relativistic_factors(torch.as_tensor(p0c, dtype=like.dtype, device=like.device), species)
+    return gamma

@@ -9,10 +9,14 @@ from torch import nn
 from .beam import ParticleBeam
 from .element import Element, LinearElement
 from .bends import Dipole
-from .magnets import Drift, Quadrupole, Solenoid
+from .cavities import RFCavity, TransverseDeflectingCavity
+from .magnets import Drift, Quadrupole, Sextupole, Solenoid
 from .screen import Screen
 
-ELEMENT_TYPES: dict[str, type[Element]] = {cls.__name__: cls for cls in (Drift, Quadrupole, Dipole, Solenoid, Screen)}
+ELEMENT_TYPES: dict[str, type[Element]] = {
+    cls.__name__: cls
+    for cls in (Drift, Quadrupole, Dipole, Solenoid, Sextupole, TransverseDeflectingCavity, RFCavity, Screen)
+}
 
 
 class TrackResult:
@@ -49,9 +53,11 @@ class Lattice(nn.Module):
     """A beamline. `lattice(beam, settings={"Q1.k1": k})` tracks the beam and images every screen.
 
     Settings broadcast: values of shape (K,) give a final beam (K, N, 6) and images (K, H, W).
-    Linear elements are multiplied into one matrix per setting before it touches the particles: a
-    screen transforms only x and y (two rows of the matrix), and the final beam is computed when
-    `TrackResult.beam` is first read.
+    Consecutive elements that act as matrices (linear tracking, no misalignment) are multiplied
+    into one matrix per setting before it touches the particles: a screen transforms only x and y
+    (two rows of the matrix), and the final beam is computed when `TrackResult.beam` is first read.
+    Other elements (kick_drift or chromatic tracking, offsets, cavities) take the particles
+    themselves; an RF cavity changes the reference momentum p0c for the elements after it.
     """
 
     def __init__(self, elements: list[Element], space_charge=None):
@@ -126,20 +132,23 @@ class Lattice(nn.Module):
 
     def forward(self, beam: ParticleBeam, settings: dict | None = None) -> TrackResult:
         grouped = self.split_settings(settings)
-        particles = beam.particles
-        matrix = None  # the map from the start of the lattice, (..., 6, 6)
+        particles, p0c = beam.particles, beam.p0c
+        matrix = None  # the map since the particles were last updated, (..., 6, 6)
         images = {}
         for element in self.elements:
             overrides = grouped.get(element.name)
-            if isinstance(element, LinearElement):
-                m = element.transfer_map(beam.p0c, beam.species, particles, overrides)
-                matrix = m if matrix is None else m @ matrix
-            elif isinstance(element, Screen):
+            if isinstance(element, Screen):
                 x, y = _apply_xy(particles, matrix)
                 images[element.name] = element.image_xy(x, y, overrides=overrides)
+            elif isinstance(element, LinearElement) and element.is_matrix(overrides, particles):
+                m = element.transfer_map(p0c, beam.species, particles, overrides)
+                matrix = m if matrix is None else m @ matrix
+            elif isinstance(element, LinearElement):
+                particles, matrix = _apply(particles, matrix), None
+                particles, p0c = element.track(particles, p0c, beam.species, overrides)
             else:
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
-        return TrackResult(lambda: beam.with_particles(_apply(particles, matrix)), images)
+        return TrackResult(lambda: beam.with_particles(_apply(particles, matrix), p0c=p0c), images)
 
 
 def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:

@@ -35,7 +35,7 @@ def get_species(species: "str | Species") -> Species:
 
 
 def relativistic_factors(p0c: float, species: "str | Species") -> tuple[float, float]:
-    """(gamma, beta) of the reference particle with momentum `p0c` [eV]."""
+    """(gamma, beta) of the reference particle with momentum `p0c` [eV] (a number or a tensor)."""
     mass = get_species(species).mass_eV
     energy = (p0c**2 + mass**2) ** 0.5
     return energy / mass, p0c / energy
