@@ -100,6 +100,13 @@ class Lattice(nn.Module):
         text = Path(path).read_text()
         return cls.from_list(load_lattice_text(text, str(path)), space_charge=space_charge)
 
+    @classmethod
+    def from_cheetah(cls, segment, space_charge=None) -> "Lattice":
+        """Build from a `cheetah.Segment` (see `sim.cheetah_import` for the conversions)."""
+        from .cheetah_import import elements_from_cheetah
+
+        return cls(elements_from_cheetah(segment), space_charge=space_charge)
+
     def to_list(self) -> list[dict]:
         """The lattice-file entries (inverse of `from_list`)."""
         return [e.to_dict() for e in self.elements]
