@@ -34,11 +34,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
     lr: Adam learning rate, reached linearly over `warmup_steps` (large early Adam steps can throw
     the beam off the screens, where no gradient brings it back), then decayed along a cosine to
     lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
-    from the data module's scan file at setup.
+    from the data module's scan file at setup. tracking: per-element tracking methods that replace
+    the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
+    (faster, first-order) transfer maps.
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
-                 warmup_steps: int = 100, loss: str = "l1"):
+                 warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
@@ -55,7 +57,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
 
     def configure_scan(self, scan) -> None:
         """Take the lattice, reference and setting names from a scan file (`psr.scanfile.ScanData`)."""
-        self.lattice = sim.Lattice.from_list(scan.lattice).to(self.device)
+        items = [dict(item) for item in scan.lattice]
+        names = [item.get("name") for item in items]
+        for name, method in (self.hparams.tracking or {}).items():
+            if name not in names:
+                raise ValueError(f"model.tracking names element {name!r}, which is not in the lattice; elements: {names}")
+            items[names.index(name)]["tracking"] = method
+        self.lattice = sim.Lattice.from_list(items).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
 

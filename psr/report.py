@@ -75,10 +75,10 @@ def write_report(model, datamodule, run_dir) -> dict:
         dx, dy = screen.pixel_size.tolist()
         extent = [1e3 * (xs[0].item() - dx / 2), 1e3 * (xs[-1].item() + dx / 2),
                   1e3 * (ys[0].item() - dy / 2), 1e3 * (ys[-1].item() + dy / 2)]
-        measured = datamodule.images[name].numpy().copy()
-        measured[~datamodule.measured[name].numpy()] = np.nan
-        plot_images(run_dir / f"images_{name}.png", measured, predicted[name].float().cpu().numpy(),
-                    extent, labels, name, validation)
+        taken = datamodule.measured[name].numpy()  # plot the settings at which this screen was read
+        plot_images(run_dir / f"images_{name}.png", datamodule.images[name].numpy()[taken],
+                    predicted[name].float().cpu().numpy()[taken], extent,
+                    [label for label, t in zip(labels, taken) if t], name, validation[taken])
     beams = {"reconstructed": particles}
     if scan.ground_truth is not None:
         beams["ground truth"] = scan.ground_truth

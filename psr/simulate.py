@@ -30,6 +30,26 @@ def scan_settings(settings: dict[str, list[float]], grid: bool) -> tuple[list[st
     return names, table.reshape(-1, len(names))
 
 
+def measured_settings(measure: dict | None, screens, names: list[str], table: np.ndarray) -> dict[str, np.ndarray]:
+    """{screen: (K,) bool}: where each screen is read, from `measure` (see `simulate`)."""
+    measure = measure or {}
+    unknown = set(measure) - set(screens)
+    if unknown:
+        raise ValueError(f"measure names unknown screen(s) {sorted(unknown)}; screens: {sorted(screens)}")
+    taken = {}
+    for screen in screens:
+        flags = np.ones(table.shape[0], dtype=bool)
+        for setting, value in (measure.get(screen) or {}).items():
+            if setting not in names:
+                raise ValueError(f"measure.{screen}: {setting!r} is not a scanned setting; scanned: {names}")
+            column = table[:, names.index(setting)]
+            flags &= np.isclose(column, float(value), rtol=1e-9, atol=1e-12)
+        if not flags.any():
+            raise ValueError(f"measure.{screen}: no setting matches {measure[screen]}, so the screen would see nothing")
+        taken[screen] = flags
+    return taken
+
+
 def simulate(
     output: str,
     lattice: str,
@@ -43,6 +63,7 @@ def simulate(
     grid: bool = False,
     noise: float = 0.0,
     seed: int = 0,
+    measure: dict[str, dict[str, float]] | None = None,
 ) -> Path:
     """Track a ground-truth beam through `lattice` (a lattice file) at every setting and write a scan file.
 
@@ -59,6 +80,9 @@ def simulate(
         grid: take the Cartesian product of the settings lists instead of zipping them.
         noise: rms of Gaussian pixel noise relative to each image's peak (clipped at zero).
         seed: random seed for the beam and the noise.
+        measure: which screen is read at which settings, e.g. {"YAG_BENT": {"B1.angle": 0.35}}: the
+            screen is measured where every named setting equals the given value (1e-9 relative), and
+            its image is NaN (not measured) elsewhere. Screens not named are measured everywhere.
     """
     if (beam is None) == (beam_file is None):
         raise ValueError("give exactly one of beam (a synthetic beam) or beam_file (an openPMD file)")
@@ -80,12 +104,14 @@ def simulate(
     with torch.no_grad():
         images = lat(truth, values).images
     rng = np.random.default_rng(seed)
+    taken = measured_settings(measure, lat.screens, names, table)
     screens = {}
     for name, screen in lat.screens.items():
         img = images[name].numpy()
         if noise > 0:
             peak = img.max(axis=(-1, -2), keepdims=True)
             img = np.clip(img + noise * peak * rng.standard_normal(img.shape), 0, None)
+        img = np.where(taken[name][:, None, None], img, np.nan)
         screens[name] = ScreenData(
             images=img.astype(np.float32),
             pixel_size=tuple(screen.pixel_size.tolist()),

@@ -12,6 +12,9 @@ class SyntheticBeam:
     nonlinear_xy: x += nonlinear_xy * sigma_x * ((y/sigma_y)^2 - 1), a curved (banana) x-y shape.
     nonlinear_pxy: py += nonlinear_pxy * sigma_py * ((x/sigma_x)^2 - 1).
     sigma_z [m], sigma_pz: longitudinal Gaussian sizes (0 for a 4D beam); chirp: pz += chirp * z [1/m].
+    chirp_curvature: pz += chirp_curvature * sigma_pz * ((z/sigma_z)^2 - 1) (RF curvature).
+    nonlinear_xz: x += nonlinear_xz * sigma_x * ((z/sigma_z)^2 - 1), a transverse offset growing
+    towards head and tail (a curved x-z shape); tilt_yz: y += tilt_yz * z (a head-tail tilt).
     offset: centroid (6 values), default 0.
     """
 
@@ -21,6 +24,7 @@ class SyntheticBeam:
         emittance_y: float = 1e-8, beta_y: float = 5.0, alpha_y: float = 0.0,
         nonlinear_xy: float = 0.0, nonlinear_pxy: float = 0.0,
         sigma_z: float = 0.0, sigma_pz: float = 0.0, chirp: float = 0.0,
+        chirp_curvature: float = 0.0, nonlinear_xz: float = 0.0, tilt_yz: float = 0.0,
         offset: list[float] | None = None,
     ):
         for key, value in (("emittance_x", emittance_x), ("emittance_y", emittance_y),
@@ -32,6 +36,9 @@ class SyntheticBeam:
         self.twiss = ((emittance_x, beta_x, alpha_x), (emittance_y, beta_y, alpha_y))
         self.nonlinear_xy, self.nonlinear_pxy = nonlinear_xy, nonlinear_pxy
         self.sigma_z, self.sigma_pz, self.chirp = sigma_z, sigma_pz, chirp
+        self.chirp_curvature, self.nonlinear_xz, self.tilt_yz = chirp_curvature, nonlinear_xz, tilt_yz
+        if sigma_z == 0 and (chirp_curvature or nonlinear_xz):
+            raise ValueError("chirp_curvature and nonlinear_xz need sigma_z > 0")
         self.offset = torch.tensor(offset if offset is not None else [0.0] * 6, dtype=torch.float64)
         if self.offset.shape != (6,):
             raise ValueError(f"offset needs 6 values, got {offset}")
@@ -52,4 +59,9 @@ class SyntheticBeam:
         x_core = particles[:, 0].clone()
         particles[:, 0] += self.nonlinear_xy * sx * ((particles[:, 2] / sy) ** 2 - 1)
         particles[:, 3] += self.nonlinear_pxy * spy * ((x_core / sx) ** 2 - 1)
+        if self.sigma_z > 0:
+            z2 = (particles[:, 4] / self.sigma_z) ** 2 - 1
+            particles[:, 5] += self.chirp_curvature * self.sigma_pz * z2
+            particles[:, 0] += self.nonlinear_xz * sx * z2
+            particles[:, 2] += self.tilt_yz * particles[:, 4]
         return particles + self.offset

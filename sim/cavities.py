@@ -39,6 +39,14 @@ class TransverseDeflectingCavity(LinearElement):
     non_negative = ("length", "frequency")
     affine = True
 
+    def is_matrix(self, overrides, like):
+        """Linear tracking at phase 0 has no zeroth-order kick: then the TDC is its matrix alone."""
+        if self.tracking != "linear":
+            return False
+        p = self.parameter_values(overrides, like)
+        phase = p["phase"]
+        return self.offsets(p) is None and not phase.requires_grad and bool((phase == 0).all())
+
     def _strength(self, p, p0c, species):
         """a = -q V / p0c (...) and the wave number k [1/m]."""
         charge = get_species(species).charge_e

@@ -256,6 +256,20 @@ def test_lattice_mixes_matrices_and_tracking_like_element_by_element():
     torch.testing.assert_close(whole, p, atol=1e-15, rtol=1e-13)
 
 
+@pytest.mark.parametrize("phase", [0.0, 0.3])
+def test_linear_deflector_is_fused_into_the_matrix_only_at_zero_phase(phase):
+    tdc = sim.TransverseDeflectingCavity("T", length=0.2, voltage=1e6, frequency=3e9, phase=phase, tilt=0.3,
+                                         tracking="linear")
+    assert tdc.is_matrix(None, torch.zeros((), dtype=F64)) == (phase == 0.0)
+    bmad = particles(n=50)
+    whole = sim.Lattice([tdc, sim.Drift("D", length=1.0)])(sim.ParticleBeam(bmad, 5e6)).beam.particles
+    step, _ = tdc.track(bmad, 5e6, "electron")
+    step, _ = sim.Drift("D", length=1.0).track(step, 5e6, "electron")
+    torch.testing.assert_close(whole, step, atol=1e-15, rtol=0)
+    if phase:  # the zeroth-order kick a sin(phase) is kept: the centroid is deflected
+        assert whole[:, 1].mean() == pytest.approx(1e6 / 5e6 * math.sin(phase) * math.cos(0.3), rel=0.05)
+
+
 def test_bad_tracking_settings():
     with pytest.raises(ValueError, match="unknown tracking 'exact'; known: linear, chromatic, kick_drift"):
         sim.Quadrupole("Q", tracking="exact")

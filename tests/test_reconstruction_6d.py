@@ -1,0 +1,103 @@
+"""6D: a quadrupole x TDC x dipole scan on two screens, simulated and reconstructed through the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import sim
+from psr.cli import fit_cli
+from psr.reconstruction import PhaseSpaceReconstruction
+from psr.scanfile import read_scan
+from psr.simulate import simulate
+from psr.synthetic import SyntheticBeam
+
+ANGLE = 0.349066
+P0C = 43e6
+
+
+def lattice_items(pixels: int, pixel_size: float) -> list[dict]:
+    """The shipped 6D beamline (data/gpsr_6d.lattice.yaml) with smaller screens."""
+    items = sim.lattice.load_lattice_text(open("data/gpsr_6d.lattice.yaml").read())
+    for item in items:
+        if item["type"] == "Screen":
+            item.update(resolution=[pixels, pixels], pixel_size=[pixel_size, pixel_size],
+                        psf_sigma=[pixel_size, pixel_size])
+    return items
+
+
+TRUTH = SyntheticBeam(emittance_x=1.01e-8, beta_x=5.0, alpha_x=1.0, emittance_y=8.08e-9, beta_y=4.0, alpha_y=-0.5,
+                      nonlinear_xy=0.3, sigma_z=6e-4, sigma_pz=5e-4, chirp=-1.5, chirp_curvature=0.8,
+                      nonlinear_xz=0.6, tilt_yz=0.3)
+SETTINGS = {"B1.angle": [0.0, ANGLE], "TDC.voltage": [0.0, 1.5e6], "Q_SCAN.k1": [-8.0, -4.0, 0.0, 4.0, 8.0]}
+MEASURE = {"YAG_STRAIGHT": {"B1.angle": 0.0}, "YAG_BENT": {"B1.angle": ANGLE}}
+
+
+@pytest.fixture(scope="module")
+def scan_6d(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scan6d")
+    lattice = folder / "lattice.yaml"
+    lattice.write_text(yaml.safe_dump(lattice_items(64, 1.4e-4)))
+    return simulate(str(folder / "scan.h5"), str(lattice), SETTINGS, p0c=P0C, beam=TRUTH, n_particles=20_000,
+                    grid=True, measure=MEASURE, seed=2)
+
+
+def test_truth_has_chirp_and_transverse_longitudinal_correlations():
+    p = TRUTH.sample(20_000, seed=0).numpy()
+    z, pz, x, y = p[:, 4], p[:, 5], p[:, 0], p[:, 2]
+    assert np.corrcoef(z, pz)[0, 1] < -0.5  # the chirp
+    assert np.corrcoef(x, z**2)[0, 1] > 0.3  # x curves with z (nonlinear)
+    assert np.corrcoef(pz, z**2)[0, 1] > 0.3  # RF curvature
+    assert np.corrcoef(y, z)[0, 1] > 0.2  # head-tail tilt
+
+
+def test_screens_are_read_where_measure_says(scan_6d):
+    scan = read_scan(scan_6d)
+    assert scan.settings.shape == (20, 3) and scan.setting_names == ["B1.angle", "TDC.voltage", "Q_SCAN.k1"]
+    bent = scan.settings[:, 0] == ANGLE
+    for name, expected in (("YAG_BENT", bent), ("YAG_STRAIGHT", ~bent)):
+        measured = ~np.isnan(scan.screens[name].images).all(axis=(-1, -2))
+        np.testing.assert_array_equal(measured, expected)
+        assert not np.isnan(scan.screens[name].images[expected]).any()
+
+
+def test_bad_measure_settings(tmp_path):
+    lattice = tmp_path / "lattice.yaml"
+    lattice.write_text(yaml.safe_dump(lattice_items(32, 3e-4)))
+    args = dict(p0c=P0C, beam=TRUTH, n_particles=100, grid=True)
+    with pytest.raises(ValueError, match=r"measure names unknown screen\(s\) \['YAG3'\]"):
+        simulate(str(tmp_path / "a.h5"), str(lattice), SETTINGS, measure={"YAG3": {}}, **args)
+    with pytest.raises(ValueError, match="'B2.angle' is not a scanned setting"):
+        simulate(str(tmp_path / "a.h5"), str(lattice), SETTINGS, measure={"YAG_BENT": {"B2.angle": 0.0}}, **args)
+    with pytest.raises(ValueError, match="no setting matches"):
+        simulate(str(tmp_path / "a.h5"), str(lattice), SETTINGS, measure={"YAG_BENT": {"B1.angle": 0.1}}, **args)
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_tracking_override_is_checked():
+    scan = read_scan("data/gpsr_6d.h5")
+    model = PhaseSpaceReconstruction(torch.nn.Identity(), tracking={"B1": "linear", "TDC": "linear"})
+    model.configure_scan(scan)
+    assert model.lattice["B1"].tracking == "linear" and model.lattice["TDC"].tracking == "linear"
+    with pytest.raises(ValueError, match="model.tracking names element 'B9', which is not in the lattice"):
+        PhaseSpaceReconstruction(torch.nn.Identity(), tracking={"B9": "linear"}).configure_scan(scan)
+    with pytest.raises(ValueError, match="unknown tracking 'exact'"):
+        PhaseSpaceReconstruction(torch.nn.Identity(), tracking={"B1": "exact"}).configure_scan(scan)
+
+
+def test_6d_fit_recovers_the_truth(scan_6d, tmp_path):
+    cli = fit_cli(args=[
+        "fit", "--config", "configs/gpsr_6d.yaml", f"--data.path={scan_6d}", "--data.steps_per_epoch=50",
+        "--trainer.max_epochs=16", "--model.generator.init_args.n_particles=8000",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ])
+    run_dir = cli.trainer.log_dir
+    rows = json.loads(open(f"{run_dir}/emittances.json").read())
+    for plane in ("x", "y", "z"):
+        assert abs(rows[f"norm_emit_{plane}"]["relative_error"]) < 0.1, rows
+    assert abs(rows["norm_emit_6d"]["relative_error"]) < 0.25, rows
+    for name in ("beam.h5", "images_YAG_BENT.png", "images_YAG_STRAIGHT.png", "phase_space.png"):
+        assert os.path.exists(f"{run_dir}/{name}"), name
