@@ -69,31 +69,46 @@ class TransverseDeflectingCavity(LinearElement):
             m = rot.transpose(-1, -2) @ m @ rot
         return m
 
-    def track_body(self, coords, p, p0c, species):
-        p0c, _, mass = reference(p0c, species, coords[0])
-        a, k = self._strength(p, p0c, species)
-        length, a, k, phase, p0c = (per_particle(v) for v in (p["length"], a, k, p["phase"], p0c))
+    def track(self, particles, p0c, species, overrides=None):
+        """kick_drift in the lab frame: the exact drift does not care about the frame, so only the kick
+        is rotated by the tilt (and sees the offsets); the linear method goes through the element frame."""
         if self.tracking == "linear":
-            return self._track_linear(coords, p, length, a, phase, p0c, species)
+            return super().track(particles, p0c, species, overrides)
+        p = self.parameter_values(overrides, particles)
+        p0c_t, _, mass = reference(p0c, species, particles)
+        a, k = self._strength(p, p0c_t, species)
+        length, a, k, phase, ref = (per_particle(v) for v in (p["length"], a, k, p["phase"], p0c_t))
+        cos_t, sin_t = per_particle(torch.cos(p["tilt"])), per_particle(torch.sin(p["tilt"]))
+        dx, dy = per_particle(p["x_offset"]), per_particle(p["y_offset"])
 
         def kick(c, step):
             x, px, y, py, z, pz = c
             fraction = step / torch.where(length > 0, length, torch.ones_like(length))
             fraction = torch.where(length > 0, fraction, torch.ones_like(fraction))
-            beta = _particle_beta(pz, p0c, mass)
+            beta = _particle_beta(pz, ref, mass)
             rf = phase + k * z / beta
-            px = px + a * fraction * torch.sin(rf)
-            old_momentum = (1 + pz) * p0c
+            deflection = a * fraction * torch.sin(rf)
+            px, py = px + deflection * cos_t, py + deflection * sin_t
+            x_element = (x - dx) * cos_t + (y - dy) * sin_t
+            old_momentum = (1 + pz) * ref
             old_energy = torch.sqrt(old_momentum**2 + mass**2)
-            gain = a * fraction * p0c * k * x * torch.cos(rf)  # [eV]
+            gain = a * fraction * ref * k * x_element * torch.cos(rf)  # [eV]
             energy = old_energy + gain
             momentum = torch.sqrt(energy**2 - mass**2)
             # pz += dP / p0c with dP = (E_new^2 - E_old^2) / (P_new + P_old): no 1 + pz round-off in float32
-            pz = pz + gain * (2 * old_energy + gain) / ((momentum + old_momentum) * p0c)
+            pz = pz + gain * (2 * old_energy + gain) / ((momentum + old_momentum) * ref)
             z = z * (momentum / energy) / beta
             return x, px, y, py, z, pz
 
-        return drift_kick_drift(coords, length, self.num_steps, lambda c, s: exact_drift(c, s, p0c, mass), kick)
+        drift = lambda c, s: exact_drift(c, s, ref, mass)  # noqa: E731
+        return stack(drift_kick_drift(particles.unbind(-1), length, self.num_steps, drift, kick)), p0c
+
+    def track_body(self, coords, p, p0c, species):
+        """The linear method in the element frame."""
+        p0c, _, mass = reference(p0c, species, coords[0])
+        a, k = self._strength(p, p0c, species)
+        length, a, k, phase, p0c = (per_particle(v) for v in (p["length"], a, k, p["phase"], p0c))
+        return self._track_linear(coords, p, length, a, phase, p0c, species)
 
     def _track_linear(self, coords, p, length, a, phase, p0c, species):
         """Element-frame linear map plus the zeroth-order kick a sin(phase) (drifting L/2 after it)."""

@@ -139,8 +139,11 @@ class LinearElement(Element):
             shift = torch.nn.functional.pad(shift, (0, 3)).unsqueeze(-2)  # (..., 1, 6)
             return (particles - shift) @ m.transpose(-1, -2) + shift, p0c
         zero = torch.zeros((), dtype=particles.dtype, device=particles.device)
+        tilt = p.get("tilt", zero)
+        if offsets is None and not tilt.requires_grad and bool((tilt == 0).all()):
+            return stack(self.track_body(particles.unbind(-1), p, p0c, species)), p0c  # aligned: no frame change
         dx, dy = offsets if offsets is not None else (zero, zero)
-        frame = per_particle(dx), per_particle(dy), per_particle(p.get("tilt", zero))
+        frame = per_particle(dx), per_particle(dy), per_particle(tilt)
         coords = to_element_frame(particles.unbind(-1), *frame)
         coords = self.track_body(coords, p, p0c, species)
         return stack(to_lab_frame(coords, *frame)), p0c

@@ -137,8 +137,14 @@ class Lattice(nn.Module):
             grouped.setdefault(element, {})[parameter] = value
         return grouped
 
-    def forward(self, beam: ParticleBeam, settings: dict | None = None) -> TrackResult:
+    def forward(self, beam: ParticleBeam, settings: dict | None = None, screen_rows: dict | None = None) -> TrackResult:
+        """Track `beam` with `settings`; `screen_rows` {screen: index or bool mask over the (K,)
+        settings} images a screen only at those settings (a screen read at some settings only)."""
         grouped = self.split_settings(settings)
+        screen_rows = screen_rows or {}
+        unknown = set(screen_rows) - set(self.screens)
+        if unknown:
+            raise KeyError(f"screen_rows names unknown screen(s) {sorted(unknown)}; screens: {sorted(self.screens)}")
         particles, p0c = beam.particles, beam.p0c
         matrix = None  # the map since the particles were last updated, (..., 6, 6)
         images = {}
@@ -146,6 +152,8 @@ class Lattice(nn.Module):
             overrides = grouped.get(element.name)
             if isinstance(element, Screen):
                 x, y = _apply_xy(particles, matrix)
+                if element.name in screen_rows:
+                    x, y, overrides = _select_rows(x, y, overrides, screen_rows[element.name])
                 images[element.name] = element.image_xy(x, y, overrides=overrides)
             elif isinstance(element, LinearElement) and element.is_matrix(overrides, particles):
                 m = element.transfer_map(p0c, beam.species, particles, overrides)
@@ -156,6 +164,16 @@ class Lattice(nn.Module):
             else:
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
         return TrackResult(lambda: beam.with_particles(_apply(particles, matrix), p0c=p0c), images)
+
+
+def _select_rows(x: torch.Tensor, y: torch.Tensor, overrides: dict | None, rows):
+    """x, y (K, N) and per-setting screen settings (K, 2) restricted to `rows` (indices or a (K,) mask)."""
+    rows = torch.as_tensor(rows, device=x.device)
+    if x.ndim != 2:
+        raise ValueError(f"screen_rows needs settings of shape (K,); the particles at the screen are {tuple(x.shape)}")
+    if overrides:
+        overrides = {k: (v[rows] if torch.is_tensor(v) and v.ndim >= 2 else v) for k, v in overrides.items()}
+    return x[rows], y[rows], overrides
 
 
 def _apply(particles: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:

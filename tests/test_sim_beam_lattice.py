@@ -342,3 +342,21 @@ def test_unknown_settings_raise_clear_errors(name, error, match):
 def test_getitem_unknown_element():
     with pytest.raises(KeyError, match="no element named 'Q7'"):
         sim.Lattice.from_list(FULL)["Q7"]
+
+
+def test_screen_rows_image_a_screen_only_where_it_is_read():
+    lattice = sim.Lattice.from_list([
+        {"type": "Quadrupole", "name": "Q", "length": 0.1},
+        {"type": "Drift", "name": "D", "length": 1.0},
+        {"type": "Screen", "name": "A", "resolution": [16, 12], "pixel_size": [1e-3, 1e-3]},
+        {"type": "Screen", "name": "B", "resolution": [16, 12], "pixel_size": [1e-3, 1e-3]},
+    ])
+    beam = _beam()
+    k1 = torch.tensor([-3.0, 0.0, 2.0, 5.0], dtype=F64)
+    full = lattice(beam, {"Q.k1": k1}).images
+    mask = torch.tensor([True, False, False, True])
+    part = lattice(beam, {"Q.k1": k1}, screen_rows={"A": mask, "B": torch.tensor([2])}).images
+    torch.testing.assert_close(part["A"], full["A"][mask], atol=0, rtol=0)
+    torch.testing.assert_close(part["B"], full["B"][[2]], atol=0, rtol=0)
+    with pytest.raises(KeyError, match=r"screen_rows names unknown screen\(s\) \['C'\]"):
+        lattice(beam, {"Q.k1": k1}, screen_rows={"C": mask})
