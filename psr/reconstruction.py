@@ -78,16 +78,22 @@ class PhaseSpaceReconstruction(L.LightningModule):
         """The current reconstructed beam."""
         return sim.ParticleBeam(self.generator(n_particles), self.p0c, self.species, self.charge)
 
-    def predict_images(self, settings: torch.Tensor, beam: sim.ParticleBeam | None = None) -> dict[str, torch.Tensor]:
-        """Images (B, H, W) of every screen for settings (B, P)."""
+    def predict_images(self, settings: torch.Tensor, beam: sim.ParticleBeam | None = None,
+                       measured: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Images (B, H, W) of every screen for settings (B, P); with `measured` ({screen: (B,) flags})
+        only the images of the measured settings, (M, H, W) per screen."""
         beam = beam if beam is not None else self.beam()
         values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
-        return self.lattice(beam, values).images
+        return self.lattice(beam, values, screen_rows=measured).images
 
     def _loss(self, batch) -> torch.Tensor:
-        predicted = self.predict_images(batch["settings"])
-        losses = [image_loss(predicted[name], batch["images"][name], batch["measured"][name], self.hparams.loss)
-                  for name in batch["images"]]
+        measured = batch["measured"]
+        predicted = self.predict_images(batch["settings"], measured=measured)
+        losses = []
+        for name in batch["images"]:
+            flags = measured[name]
+            images = batch["images"][name][flags]
+            losses.append(image_loss(predicted[name], images, torch.ones_like(flags[flags]), self.hparams.loss))
         return torch.stack(losses).mean()
 
     def training_step(self, batch, batch_idx):
