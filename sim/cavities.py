@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .element import LinearElement, eye_like, lorentz_gamma
+from .element import LinearElement, eye_like
 from .magnets import Drift
 from .species import SPEED_OF_LIGHT, get_species
 from .tracking import drift_kick_drift, exact_drift, per_particle, reference, stack

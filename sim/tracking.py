@@ -7,7 +7,7 @@ tensors of the settings shape (...) and are given a trailing particle axis with 
 
 import torch
 
-from .species import relativistic_factors
+from .species import get_species
 
 
 def per_particle(value: torch.Tensor) -> torch.Tensor:
@@ -17,8 +17,6 @@ def per_particle(value: torch.Tensor) -> torch.Tensor:
 
 def reference(p0c, species, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p0c [eV], E0 [eV], mass [eV]) as tensors of `like`'s dtype; p0c may be a settings tensor (...)."""
-    from .species import get_species
-
     mass = torch.as_tensor(get_species(species).mass_eV, dtype=like.dtype, device=like.device)
     p0c = torch.as_tensor(p0c, dtype=like.dtype, device=like.device)
     return p0c, torch.sqrt(p0c**2 + mass**2), mass
@@ -89,6 +87,6 @@ def stack(coords: tuple) -> torch.Tensor:
 
 
 __all__ = [
-    "beta_over_beta0_minus_one", "drift_kick_drift", "exact_drift", "per_particle", "reference", "relativistic_factors",
+    "beta_over_beta0_minus_one", "drift_kick_drift", "exact_drift", "per_particle", "reference",
     "stack", "to_element_frame", "to_lab_frame", "unbind",
 ]
