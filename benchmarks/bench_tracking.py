@@ -98,16 +98,9 @@ def moments(images: torch.Tensor, pixel: float):
     return mx, my, sx, sy
 
 
-class PsrRun:
-    def __init__(self, particles, pixel, dtype):
-        self.lattice = psr_lattice(pixel)
-        self.particles = particles.to(dtype)
-        self.k1 = K1_SCAN.to(dtype)
-        self.target = None
-
-    def images(self, particles, k1):
-        beam = sim.ParticleBeam(particles, p0c=P0C)
-        return self.lattice(beam, settings={f"{SCANNED}.k1": k1}).images["SCR"]
+class ScanRun:
+    """One forward + backward of a code's scan: loss = mean squared difference to `target`; gradients with
+    respect to the scanned k1 values and the input particles. Subclasses provide `images`."""
 
     def step(self):
         particles = self.particles.clone().requires_grad_(True)
@@ -118,7 +111,19 @@ class PsrRun:
         return images, k1.grad, particles.grad
 
 
-class CheetahRun:
+class PsrRun(ScanRun):
+    def __init__(self, particles, pixel, dtype):
+        self.lattice = psr_lattice(pixel)
+        self.particles = particles.to(dtype)
+        self.k1 = K1_SCAN.to(dtype)
+        self.target = None
+
+    def images(self, particles, k1):
+        beam = sim.ParticleBeam(particles, p0c=P0C)
+        return self.lattice(beam, settings={f"{SCANNED}.k1": k1}).images["SCR"]
+
+
+class CheetahRun(ScanRun):
     def __init__(self, particles, pixel, dtype):
         self.pixel = pixel
         self.dtype = dtype
@@ -134,14 +139,6 @@ class CheetahRun:
         beam = cheetah.ParticleBeam(particles, energy=self.energy, particle_charges=self.charges, dtype=self.dtype)
         segment.track(beam)
         return segment.SCR.reading
-
-    def step(self):
-        particles = self.particles.clone().requires_grad_(True)
-        k1 = self.k1.clone().requires_grad_(True)
-        images = self.images(particles, k1)
-        loss = ((images - self.target) ** 2).mean()
-        loss.backward()
-        return images, k1.grad, particles.grad
 
 
 def timed_pair(fn_a, fn_b, repeats):

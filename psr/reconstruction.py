@@ -11,13 +11,13 @@ import sim
 LOSSES = ("l1", "mse")
 
 
-def image_loss(predicted: torch.Tensor, measured: torch.Tensor, flags: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mismatch of unit-sum images (B, H, W) over the measured settings (flags (B,)).
+def image_loss(predicted: torch.Tensor, measured: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mismatch of unit-sum images (B, H, W), averaged over the B images.
 
     "l1": sum of |difference| per image (0 for a perfect match, 2 for disjoint images), averaged.
     "mse": sum of squared differences per image times the pixel count, averaged.
     """
-    diff = (predicted - measured)[flags]
+    diff = predicted - measured
     if diff.shape[0] == 0:
         return predicted.new_zeros(())
     if kind == "l1":
@@ -89,11 +89,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     def _loss(self, batch) -> torch.Tensor:
         measured = batch["measured"]
         predicted = self.predict_images(batch["settings"], measured=measured)
-        losses = []
-        for name in batch["images"]:
-            flags = measured[name]
-            images = batch["images"][name][flags]
-            losses.append(image_loss(predicted[name], images, torch.ones_like(flags[flags]), self.hparams.loss))
+        losses = [image_loss(predicted[name], batch["images"][name][measured[name]], self.hparams.loss)
+                  for name in batch["images"]]
         return torch.stack(losses).mean()
 
     def training_step(self, batch, batch_idx):

@@ -3,7 +3,7 @@
 import torch
 
 from .element import LinearElement, eye_like, lorentz_gamma
-from .magnets import cos_like, one_minus_cos_over_u, one_minus_sinc_over_u, rotation_xy, sinc_like
+from .magnets import cos_like, gradient_kick, one_minus_cos_over_u, one_minus_sinc_over_u, sinc_like, tilted
 from .tracking import beta_over_beta0_minus_one, drift_kick_drift, per_particle, reference
 
 
@@ -64,12 +64,7 @@ class Dipole(LinearElement):
         m[..., 4, 5] = length / gamma**2 - h**2 * length**3 * one_minus_sinc_over_u(u)
         entrance = edge_map(h, p["e1"], _fringe_phase(p, h, p["e1"]), like)
         exit_ = edge_map(h, p["e2"], _fringe_phase(p, h, p["e2"]), like)
-        m = exit_ @ m @ entrance
-        tilt = p["tilt"]
-        if tilt.requires_grad or bool((tilt != 0).any()):
-            rot = rotation_xy(tilt, like)
-            m = rot.transpose(-1, -2) @ m @ rot
-        return m
+        return tilted(exit_ @ m @ entrance, p["tilt"], like)
 
     def track_body(self, coords, p, p0c, species):
         p0c, _, mass = reference(p0c, species, coords[0])
@@ -85,11 +80,7 @@ class Dipole(LinearElement):
             def body(c, step):
                 return exact_bend(c, step, angle * step / length.clamp_min(1e-300), p0c, mass)
 
-            def kick(c, step):
-                x, px, y, py, z, pz = c
-                return x, px - k1 * step * x, y, py + k1 * step * y, z, pz
-
-            coords = drift_kick_drift(coords, length, self.num_steps, body, kick)
+            coords = drift_kick_drift(coords, length, self.num_steps, body, gradient_kick(k1))
         return _edge_kick(coords, per_particle(h), per_particle(p["e2"]), per_particle(_fringe_phase(p, h, p["e2"])))
 
 

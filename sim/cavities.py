@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from .element import LinearElement, eye_like
-from .magnets import Drift
+from .element import LinearElement, eye_like, may_be_nonzero
+from .magnets import drift_map, tilted
 from .species import SPEED_OF_LIGHT, get_species
 from .tracking import drift_kick_drift, exact_drift, per_particle, reference, stack
 
@@ -44,8 +44,7 @@ class TransverseDeflectingCavity(LinearElement):
         if self.tracking != "linear":
             return False
         p = self.parameter_values(overrides, like)
-        phase = p["phase"]
-        return self.offsets(p) is None and not phase.requires_grad and bool((phase == 0).all())
+        return self.offsets(p) is None and not may_be_nonzero(p["phase"])
 
     def _strength(self, p, p0c, species):
         """a = -q V / p0c (...) and the wave number k [1/m]."""
@@ -57,17 +56,11 @@ class TransverseDeflectingCavity(LinearElement):
         p0c_t, e0, _ = reference(p0c, species, like)
         a, k = self._strength(p, p0c_t, species)
         g = a * k * torch.cos(p["phase"]) * e0 / p0c_t  # a k cos(phase) / beta0
-        half = Drift.transfer_map(self, p0c, species, like, {"length": 0.5 * p["length"]})
+        half = drift_map(0.5 * p["length"], p0c, species, like)
         kick = eye_like(g.shape, like)
         kick[..., 1, 4] = g
         kick[..., 5, 0] = g
-        m = half @ kick @ half
-        if p["tilt"].requires_grad or bool((p["tilt"] != 0).any()):
-            from .magnets import rotation_xy
-
-            rot = rotation_xy(p["tilt"], like)
-            m = rot.transpose(-1, -2) @ m @ rot
-        return m
+        return tilted(half @ kick @ half, p["tilt"], like)
 
     def track(self, particles, p0c, species, overrides=None):
         """kick_drift in the lab frame: the exact drift does not care about the frame, so only the kick
@@ -81,18 +74,18 @@ class TransverseDeflectingCavity(LinearElement):
         cos_t, sin_t = per_particle(torch.cos(p["tilt"])), per_particle(torch.sin(p["tilt"]))
         dx, dy = per_particle(p["x_offset"]), per_particle(p["y_offset"])
 
+        a_step = a / self.num_steps  # each of the num_steps kicks gives 1/num_steps of the voltage
+
         def kick(c, step):
             x, px, y, py, z, pz = c
-            fraction = step / torch.where(length > 0, length, torch.ones_like(length))
-            fraction = torch.where(length > 0, fraction, torch.ones_like(fraction))
             beta = _particle_beta(pz, ref, mass)
             rf = phase + k * z / beta
-            deflection = a * fraction * torch.sin(rf)
+            deflection = a_step * torch.sin(rf)
             px, py = px + deflection * cos_t, py + deflection * sin_t
             x_element = (x - dx) * cos_t + (y - dy) * sin_t
             old_momentum = (1 + pz) * ref
             old_energy = torch.sqrt(old_momentum**2 + mass**2)
-            gain = a * fraction * ref * k * x_element * torch.cos(rf)  # [eV]
+            gain = a_step * ref * k * x_element * torch.cos(rf)  # [eV]
             energy = old_energy + gain
             momentum = torch.sqrt(energy**2 - mass**2)
             # pz += dP / p0c with dP = (E_new^2 - E_old^2) / (P_new + P_old): no 1 + pz round-off in float32
@@ -152,10 +145,7 @@ class RFCavity(LinearElement):
             coords = (x, px * ref / new_ref, y, py * ref / new_ref, z * (momentum / energy) / beta, momentum / new_ref - 1)
             ref = new_ref
             coords = exact_drift(coords, 0.5 * step, ref, mass)
-        new_p0c = ref.squeeze(-1)
-        if new_p0c.ndim == 0:
-            new_p0c = new_p0c.detach().item() if not new_p0c.requires_grad else new_p0c
-        return stack(coords), new_p0c
+        return stack(coords), ref.squeeze(-1)
 
     def is_matrix(self, overrides, like):
         return False  # it changes the reference momentum

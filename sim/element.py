@@ -118,9 +118,7 @@ class LinearElement(Element):
         if "x_offset" not in p:
             return None
         dx, dy = p["x_offset"], p["y_offset"]
-        if dx.requires_grad or dy.requires_grad or bool((dx != 0).any()) or bool((dy != 0).any()):
-            return dx, dy
-        return None
+        return (dx, dy) if may_be_nonzero(dx, dy) else None
 
     def is_matrix(self, overrides: dict | None, like: torch.Tensor) -> bool:
         """True when the element acts on the beam as its transfer matrix alone (linear and aligned)."""
@@ -140,13 +138,18 @@ class LinearElement(Element):
             return (particles - shift) @ m.transpose(-1, -2) + shift, p0c
         zero = torch.zeros((), dtype=particles.dtype, device=particles.device)
         tilt = p.get("tilt", zero)
-        if offsets is None and not tilt.requires_grad and bool((tilt == 0).all()):
+        if offsets is None and not may_be_nonzero(tilt):
             return stack(self.track_body(particles.unbind(-1), p, p0c, species)), p0c  # aligned: no frame change
         dx, dy = offsets if offsets is not None else (zero, zero)
         frame = per_particle(dx), per_particle(dy), per_particle(tilt)
         coords = to_element_frame(particles.unbind(-1), *frame)
         coords = self.track_body(coords, p, p0c, species)
         return stack(to_lab_frame(coords, *frame)), p0c
+
+
+def may_be_nonzero(*values: torch.Tensor) -> bool:
+    """True when any value is non-zero or requires grad (so it must enter the computation)."""
+    return any(v.requires_grad or bool((v != 0).any()) for v in values)
 
 
 def eye_like(shape: tuple, like: torch.Tensor) -> torch.Tensor:

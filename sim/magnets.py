@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .element import LinearElement, eye_like, lorentz_gamma
+from .element import LinearElement, eye_like, lorentz_gamma, may_be_nonzero
 from .tracking import beta_over_beta0_minus_one, drift_kick_drift, exact_drift, per_particle, reference
 
 _N_SERIES = 12  # terms of the power series used for |k1 L^2| < 1: error below 1/(2*_N_SERIES)!
@@ -71,6 +71,33 @@ def rotation_xy(angle: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rot
 
 
+def tilted(m: torch.Tensor, tilt: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The map m (..., 6, 6) of a magnet rotated by `tilt` [rad] about s: R(-tilt) m R(tilt)."""
+    if not may_be_nonzero(tilt):
+        return m
+    rot = rotation_xy(tilt, like)
+    return rot.transpose(-1, -2) @ m @ rot
+
+
+def drift_map(length: torch.Tensor, p0c, species, like: torch.Tensor) -> torch.Tensor:
+    """Drift matrix (..., 6, 6): x += L px, y += L py, z += L pz / gamma0^2."""
+    length, gamma = torch.broadcast_tensors(length, lorentz_gamma(p0c, species, like))
+    m = eye_like(length.shape, like)
+    m[..., 0, 1] = length
+    m[..., 2, 3] = length
+    m[..., 4, 5] = length / gamma**2
+    return m
+
+
+def gradient_kick(k1: torch.Tensor):
+    """Thin quadrupole kick of a step ds: px -= k1 ds x, py += k1 ds y (k1 (..., 1) [1/m^2])."""
+    def kick(coords, step):
+        x, px, y, py, z, pz = coords
+        return x, px - k1 * step * x, y, py + k1 * step * y, z, pz
+
+    return kick
+
+
 class Drift(LinearElement):
     """Field-free drift of `length` [m].
 
@@ -82,13 +109,7 @@ class Drift(LinearElement):
     tracking_methods = ("linear", "kick_drift")
 
     def transfer_map(self, p0c, species, like, overrides=None):
-        length = self.parameter_values(overrides, like)["length"]
-        length, gamma = torch.broadcast_tensors(length, lorentz_gamma(p0c, species, like))
-        m = eye_like(length.shape, like)
-        m[..., 0, 1] = length
-        m[..., 2, 3] = length
-        m[..., 4, 5] = length / gamma**2
-        return m
+        return drift_map(self.parameter_values(overrides, like)["length"], p0c, species, like)
 
     def track_body(self, coords, p, p0c, species):
         p0c, _, mass = reference(p0c, species, coords[0])
@@ -124,20 +145,14 @@ class Quadrupole(LinearElement):
             m[..., offset + 1, offset] = -k * length * s
             m[..., offset + 1, offset + 1] = c
         m[..., 4, 5] = length / gamma**2
-        if tilt.requires_grad or bool((tilt != 0).any()):
-            rot = rotation_xy(tilt, like)
-            m = rot.transpose(-1, -2) @ m @ rot
-        return m
+        return tilted(m, tilt, like)
 
     def track_body(self, coords, p, p0c, species):
         p0c, _, mass = reference(p0c, species, coords[0])
         length, k1, p0c = per_particle(p["length"]), per_particle(p["k1"]), per_particle(p0c)
         if self.tracking == "kick_drift":
-            def kick(c, step):
-                x, px, y, py, z, pz = c
-                return x, px - k1 * step * x, y, py + k1 * step * y, z, pz
-
-            return drift_kick_drift(coords, length, self.num_steps, lambda c, step: exact_drift(c, step, p0c, mass), kick)
+            drift = lambda c, step: exact_drift(c, step, p0c, mass)  # noqa: E731
+            return drift_kick_drift(coords, length, self.num_steps, drift, gradient_kick(k1))
         x, px, y, py, z, pz = coords
         rel_p = 1 + pz
         k = k1 / rel_p
@@ -172,8 +187,7 @@ class Sextupole(LinearElement):
     tracking_methods = ("kick_drift", "linear")
 
     def transfer_map(self, p0c, species, like, overrides=None):
-        length = self.parameter_values(overrides, like)["length"]
-        return Drift.transfer_map(self, p0c, species, like, {"length": length})
+        return drift_map(self.parameter_values(overrides, like)["length"], p0c, species, like)
 
     def track_body(self, coords, p, p0c, species):
         p0c, _, mass = reference(p0c, species, coords[0])
