@@ -39,7 +39,7 @@ MEASURE = SHIPPED["measure"]
 def scan_6d(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scan6d")
     lattice = folder / "lattice.yaml"
-    lattice.write_text(yaml.safe_dump(lattice_items(64, 1.4e-4)))
+    lattice.write_text(yaml.safe_dump(lattice_items(64, 2.0e-4)))
     return simulate(str(folder / "scan.h5"), str(lattice), SETTINGS, p0c=P0C, beam=TRUTH, n_particles=20_000,
                     grid=True, measure=MEASURE, seed=2)
 
@@ -96,8 +96,8 @@ def test_tracking_override_is_checked():
 
 
 def test_6d_fit_recovers_the_truth(scan_6d, tmp_path):
-    """A smaller copy of the shipped example (64 px screens, 8k particles, 800 steps). Projected x and y
-    come out within a few per cent; z (the slice energy spread) is the hardest plane (see the issue notes)."""
+    """A smaller copy of the shipped example (64 px screens, 8k particles, 800 steps): every emittance
+    comes out near the truth (the full example on a GPU with 200k particles: all within 5 %)."""
     cli = fit_cli(args=[
         "fit", "--config", "configs/gpsr_6d.yaml", f"--data.path={scan_6d}", "--data.steps_per_epoch=50",
         "--trainer.max_epochs=16", "--model.generator.init_args.n_particles=8000",
@@ -106,8 +106,8 @@ def test_6d_fit_recovers_the_truth(scan_6d, tmp_path):
     run_dir = cli.trainer.log_dir
     rows = json.loads(open(f"{run_dir}/emittances.json").read())
     print(json.dumps(rows, indent=1))
-    for plane in ("x", "y"):
-        assert abs(rows[f"norm_emit_{plane}"]["relative_error"]) < 0.08, rows
-    assert abs(rows["norm_emit_z"]["relative_error"]) < 0.25, rows
+    limits = {"x": 0.05, "y": 0.05, "z": 0.10, "4d": 0.10, "6d": 0.25}  # measured: 1.1, 0.2, 2.5, 1.3, 7.9 %
+    for plane, limit in limits.items():
+        assert abs(rows[f"norm_emit_{plane}"]["relative_error"]) < limit, (plane, rows)
     for name in ("beam.h5", "images_YAG_BENT.png", "images_YAG_STRAIGHT.png", "phase_space.png"):
         assert os.path.exists(f"{run_dir}/{name}"), name
