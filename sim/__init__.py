@@ -7,10 +7,11 @@ from .element import Element, LinearElement
 from .lattice import ELEMENT_TYPES, Lattice, TrackResult, parse_setting_name
 from .magnets import Drift, Quadrupole, Sextupole, Solenoid
 from .screen import Screen
+from .space_charge import SpaceCharge
 from .species import SPECIES, Species, get_species, relativistic_factors
 
 __all__ = [
     "ELEMENT_TYPES", "Dipole", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
-    "RFCavity", "SPECIES", "Screen", "Sextupole", "Solenoid", "TransverseDeflectingCavity", "Species", "TrackResult", "get_species", "parse_setting_name",
+    "RFCavity", "SPECIES", "Screen", "Sextupole", "Solenoid", "SpaceCharge", "TransverseDeflectingCavity", "Species", "TrackResult", "get_species", "parse_setting_name",
     "relativistic_factors",
 ]

@@ -1,5 +1,7 @@
 """Particle beams in Bmad phase-space coordinates and their statistics."""
 
+import math
+
 import torch
 
 from .species import get_species, relativistic_factors
@@ -13,7 +15,7 @@ class ParticleBeam:
     particles: tensor (..., N, 6) of (x [m], px, y [m], py, z [m], pz) in Bmad coordinates.
     p0c: reference momentum [eV] (a number; a tensor of the settings shape after an RF cavity whose
     voltage is scanned). species: "electron", "positron" or "proton".
-    charge: bunch charge magnitude [C]; its sign comes from the species.
+    charge: bunch charge [C]; only its magnitude is used (the particles' sign comes from the species).
     """
 
     def __init__(self, particles: torch.Tensor, p0c: float, species="electron", charge: float = 0.0):
@@ -24,12 +26,12 @@ class ParticleBeam:
             p0c = p0c.item()
         if not bool(torch.all(torch.as_tensor(p0c) > 0)):
             raise ValueError(f"p0c must be positive, got {p0c}")
-        if charge < 0:
-            raise ValueError(f"charge is a magnitude in coulombs and must be >= 0, got {charge}")
+        if not math.isfinite(charge):
+            raise ValueError(f"charge must be a finite number of coulombs, got {charge}")
         self.particles = particles
         self.p0c = p0c if torch.is_tensor(p0c) else float(p0c)
         self.species = get_species(species)
-        self.charge = float(charge)
+        self.charge = abs(float(charge))
 
     def with_particles(self, particles: torch.Tensor, p0c=None) -> "ParticleBeam":
         """The same species and charge with new particles (and a new reference momentum p0c [eV])."""

@@ -2,7 +2,7 @@
 
 import torch
 
-from .element import LinearElement, eye_like, lorentz_gamma
+from .element import LinearElement, eye_like, lorentz_gamma, may_be_nonzero
 from .magnets import cos_like, gradient_kick, one_minus_cos_over_u, one_minus_sinc_over_u, sinc_like, tilted
 from .tracking import beta_over_beta0_minus_one, drift_kick_drift, per_particle, reference
 
@@ -44,6 +44,19 @@ class Dipole(LinearElement):
         super().__init__(name, **values)
         if bool(((self.length == 0) & (self.angle != 0)).any()):
             raise ValueError(f"Dipole {self.name}: a bend with an angle needs a positive length")
+
+    sliced_parameters = ("length", "angle")
+
+    def slice_overrides(self, overrides, like, fraction, entrance, exit):
+        p = super().slice_overrides(overrides, like, fraction, entrance, exit)
+        if not (entrance and exit) and may_be_nonzero(p["fringe_integral"] * p["gap"]):
+            raise ValueError(f"Dipole {self.name}: a dipole with a fringe field (fringe_integral * gap) "
+                             "cannot be sliced for space charge yet; set fringe_integral to 0 or turn space charge off")
+        if not entrance:
+            p["e1"] = torch.zeros_like(p["e1"])
+        if not exit:
+            p["e2"] = torch.zeros_like(p["e2"])
+        return p
 
     def transfer_map(self, p0c, species, like, overrides=None):
         p = self.parameter_values(overrides, like)

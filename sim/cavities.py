@@ -37,6 +37,7 @@ class TransverseDeflectingCavity(LinearElement):
                            "x_offset": 0.0, "y_offset": 0.0}
     tracking_methods = ("kick_drift", "linear")
     non_negative = ("length", "frequency")
+    sliced_parameters = ("length", "voltage")
     affine = True
 
     def is_matrix(self, overrides, like):
@@ -125,6 +126,7 @@ class RFCavity(LinearElement):
     parameters_defaults = {"length": 0.0, "voltage": 0.0, "frequency": 0.0, "phase": 0.0}
     tracking_methods = ("kick_drift",)
     non_negative = ("length", "frequency")
+    sliced_parameters = ("length", "voltage")
 
     def track(self, particles, p0c, species, overrides=None):
         p = self.parameter_values(overrides, particles)

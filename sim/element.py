@@ -74,6 +74,15 @@ class Element(nn.Module):
             out[key] = torch.as_tensor(value).to(dtype=like.dtype, device=like.device)
         return out
 
+    sliced_parameters: tuple[str, ...] = ("length",)  # integrated over the length: scaled in a slice
+
+    def slice_overrides(self, overrides: dict | None, like: torch.Tensor, fraction: float,
+                        entrance: bool, exit: bool) -> dict[str, torch.Tensor]:
+        """Parameters of a slice holding `fraction` of the element (space-charge slicing); `entrance`,
+        `exit`: whether the slice holds the element's entrance or exit face (edge effects)."""
+        p = self.parameter_values(overrides, like)
+        return {k: v * fraction if k in self.sliced_parameters else v for k, v in p.items()}
+
     def to_dict(self) -> dict:
         """The lattice-file entry of this element."""
         entry = {"type": type(self).__name__, "name": self.name}

@@ -1,6 +1,7 @@
 """Lattice: an ordered list of elements, built from lattice files, tracked with named settings."""
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from .bends import Dipole
 from .cavities import RFCavity, TransverseDeflectingCavity
 from .magnets import Drift, Quadrupole, Sextupole, Solenoid
 from .screen import Screen
+from .space_charge import SpaceCharge
 
 ELEMENT_TYPES: dict[str, type[Element]] = {
     cls.__name__: cls
@@ -62,8 +64,8 @@ class Lattice(nn.Module):
 
     def __init__(self, elements: list[Element], space_charge=None):
         super().__init__()
-        if space_charge is not None:
-            raise NotImplementedError("space charge is not implemented yet (planned: issue 4); use space_charge=None")
+        if space_charge is not None and not isinstance(space_charge, SpaceCharge):
+            raise TypeError(f"space_charge must be a sim.SpaceCharge or None, got {type(space_charge).__name__}")
         self.space_charge = space_charge
         names = [e.name for e in elements]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -137,6 +139,22 @@ class Lattice(nn.Module):
             grouped.setdefault(element, {})[parameter] = value
         return grouped
 
+    def _sliced(self, element: LinearElement, overrides, particles, matrix, p0c, beam):
+        """An element cut into n slices of at most `space_charge.max_step`, each tracked as half slice,
+        space-charge kick over the slice length, half slice (second order in the step)."""
+        length = element.parameter_values(overrides, particles)["length"]
+        longest = float(length.max()) if length.numel() else 0.0
+        if longest == 0:
+            return _step(element, overrides, particles, matrix, p0c, beam.species)
+        n = max(1, math.ceil(longest / self.space_charge.max_step - 1e-9))
+        for piece in range(2 * n):
+            sliced = element.slice_overrides(overrides, particles, 0.5 / n, piece == 0, piece == 2 * n - 1)
+            particles, matrix, p0c = _step(element, sliced, particles, matrix, p0c, beam.species)
+            if piece % 2 == 0:
+                particles, matrix = _apply(particles, matrix), None
+                particles = self.space_charge.kick(particles, p0c, beam.species, beam.charge, length / n)
+        return particles, matrix, p0c
+
     def forward(self, beam: ParticleBeam, settings: dict | None = None, screen_rows: dict | None = None) -> TrackResult:
         """Track `beam` with `settings`; `screen_rows` {screen: index or bool mask over the (K,)
         settings} images a screen only at those settings (a screen read at some settings only)."""
@@ -155,15 +173,23 @@ class Lattice(nn.Module):
                 if element.name in screen_rows:
                     x, y, overrides = _select_rows(x, y, overrides, screen_rows[element.name])
                 images[element.name] = element.image_xy(x, y, overrides=overrides)
-            elif isinstance(element, LinearElement) and element.is_matrix(overrides, particles):
-                m = element.transfer_map(p0c, beam.species, particles, overrides)
-                matrix = m if matrix is None else m @ matrix
-            elif isinstance(element, LinearElement):
-                particles, matrix = _apply(particles, matrix), None
-                particles, p0c = element.track(particles, p0c, beam.species, overrides)
-            else:
+            elif not isinstance(element, LinearElement):
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
+            elif self.space_charge is None or beam.charge == 0:
+                particles, matrix, p0c = _step(element, overrides, particles, matrix, p0c, beam.species)
+            else:
+                particles, matrix, p0c = self._sliced(element, overrides, particles, matrix, p0c, beam)
         return TrackResult(lambda: beam.with_particles(_apply(particles, matrix), p0c=p0c), images)
+
+
+def _step(element: LinearElement, overrides, particles, matrix, p0c, species):
+    """One element: its matrix joins `matrix`, or the particles are tracked through it."""
+    if element.is_matrix(overrides, particles):
+        m = element.transfer_map(p0c, species, particles, overrides)
+        return particles, (m if matrix is None else m @ matrix), p0c
+    particles = _apply(particles, matrix)
+    particles, p0c = element.track(particles, p0c, species, overrides)
+    return particles, None, p0c
 
 
 def _select_rows(x: torch.Tensor, y: torch.Tensor, overrides: dict | None, rows):

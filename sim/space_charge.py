@@ -1,0 +1,264 @@
+"""3D space charge: particle-in-cell with integrated Green's functions on a doubled grid.
+
+The bunch field is solved in the bunch rest frame, where it is electrostatic: the rest-frame
+longitudinal coordinate is z' = gamma z, transverse ones are unchanged. Charge is deposited on a
+grid that follows the beam (cloud-in-cell), convolved (FFT, open boundaries by zero-padding to twice
+the grid, Hockney's method) with the Green's functions of the three field components integrated over
+a cell (Qiang et al., PRSTAB 9, 044204 (2006); erratum PRSTAB 10, 129901 (2007)), and gathered back
+to the particles with the same cloud-in-cell weights. Back in the lab, over a path length ds:
+
+    dpx = |q| E'_x ds / (gamma^2 beta^2 m c^2)     (the magnetic force cancels all but 1/gamma^2)
+    dpy = |q| E'_y ds / (gamma^2 beta^2 m c^2)
+    dpz = |q| E'_z ds / (gamma beta^2 m c^2)
+
+with E' [V/m] the rest-frame field of a bunch of charge |Q| and m c^2, q in eV and e. Only
+magnitudes enter, so a single-species bunch always repels, whatever sign its charge is given with.
+"""
+
+import math
+from collections import OrderedDict
+
+import torch
+
+from .tracking import reference
+
+EPSILON_0 = 8.8541878128e-12  # F/m
+COULOMB = 1.0 / (4.0 * math.pi * EPSILON_0)  # V m / C
+SPACING_RATIO = 2.0 ** (1.0 / 8.0)  # cell sizes are rounded up to powers of this, so kernels can be reused
+_KERNEL_CACHE_SIZE = 32
+
+
+class SpaceCharge:
+    """Space-charge settings of a lattice, and the 3D kick.
+
+    grid_shape: cells (nx, ny, nz) of the grid that covers the bunch (its bounding box; cell sizes
+    rounded up by at most 9 % to a ladder of values so the Green's functions can be cached).
+    max_step: longest path [m] between two kicks; the lattice slices every element to at most this
+    and kicks in a second-order split (half step, kick, half step).
+    """
+
+    def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05):
+        grid_shape = tuple(int(n) for n in grid_shape)
+        if len(grid_shape) != 3 or min(grid_shape) < 4:
+            raise ValueError(f"SpaceCharge: grid_shape must be three integers >= 4, got {grid_shape}")
+        if not (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step > 0):
+            raise ValueError(f"SpaceCharge: max_step must be a positive length in metres, got {max_step!r}")
+        self.grid_shape = grid_shape
+        self.max_step = float(max_step)
+        self._kernels: OrderedDict = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step})"
+
+    def kick(self, particles: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
+        """Particles (..., N, 6) after the space-charge kick of a step of `length` [m] (a number or a
+        settings tensor), for a bunch of total charge `charge` [C] (its magnitude is used)."""
+        if charge == 0:
+            return particles
+        batch_shape, n = particles.shape[:-2], particles.shape[-2]
+        flat = particles.reshape(-1, n, 6)
+        field = self.field(flat, p0c, species, abs(charge))  # (B, N, 3) rest-frame E' [V/m]
+        p0c_t, energy, mass = reference(p0c, species, particles)
+        charge_e = abs(_species_charge(species))
+        gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
+        length = torch.as_tensor(length, dtype=particles.dtype, device=particles.device)
+        transverse = (charge_e * length / (gamma**2 * beta2 * mass)).unsqueeze(-1)  # (...,1) settings shape
+        longitudinal = (charge_e * length / (gamma * beta2 * mass)).unsqueeze(-1)
+        field = field.reshape(*batch_shape, n, 3)
+        x, px, y, py, z, pz = particles.unbind(-1)
+        px = px + transverse * field[..., 0]
+        py = py + transverse * field[..., 1]
+        pz = pz + longitudinal * field[..., 2]
+        return torch.stack((x, px, y, py, z, pz), -1)
+
+    def field(self, particles: torch.Tensor, p0c, species, charge: float) -> torch.Tensor:
+        """Rest-frame electric field [V/m] (B, N, 3) at each particle of particles (B, N, 6), for a
+        bunch of total charge `charge` [C] > 0 spread evenly over the N particles."""
+        _, energy, mass = reference(p0c, species, particles)
+        gamma = energy / mass
+        gamma = gamma.reshape(-1, 1) if gamma.ndim else gamma
+        positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)  # (B, N, 3)
+        origin, spacing, keys = self._grid(positions)
+        g = _grid_coordinates(positions, origin, spacing)
+        batch = positions.shape[0]
+        rho = _Deposit.apply(g, charge / positions.shape[-2], self.grid_shape, batch)  # (B, nx, ny, nz) [C]
+        rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
+        kernels = self._kernel_ffts(keys, spacing, positions)  # (B, 3, 2nx, 2ny, nz + 1)
+        nx, ny, nz = self.grid_shape
+        rho_hat = torch.fft.rfftn(rho, s=(2 * nx, 2 * ny, 2 * nz), dim=(-3, -2, -1))
+        fields = torch.fft.irfftn(rho_hat.unsqueeze(1) * kernels, s=(2 * nx, 2 * ny, 2 * nz), dim=(-3, -2, -1))
+        fields = fields[..., :nx, :ny, :nz] * COULOMB  # (B, 3, nx, ny, nz) [V/m]
+        return _Gather.apply(fields, g)
+
+    def _grid(self, positions: torch.Tensor):
+        """Origin (B, 3), cell sizes (B, 3) and cache keys of grids that cover each bunch's bounding box
+        (particles at least half a cell inside): cell sizes rounded up to powers of SPACING_RATIO."""
+        lo_grad, hi_grad = positions.amin(-2), positions.amax(-2)
+        with torch.no_grad():
+            lo, hi = lo_grad.detach(), hi_grad.detach()
+            if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise ValueError("space charge: particle coordinates are not finite (NaN or inf)")
+            shape = torch.tensor(self.grid_shape, dtype=positions.dtype, device=positions.device)
+            needed = (hi - lo) / (shape - 2)
+            floor = needed.amax(-1, keepdim=True) * 1e-6 + torch.finfo(positions.dtype).tiny  # flat bunches
+            exponent = torch.ceil(torch.log(torch.maximum(needed, floor)) / math.log(SPACING_RATIO))
+            spacing = SPACING_RATIO**exponent
+        # the grid's centre follows the bunch differentiably (gradients then match finite differences
+        # of the discrete model); the cell sizes are piecewise constant
+        origin = 0.5 * (lo_grad + hi_grad) - 0.5 * (shape - 1) * spacing
+        keys = [tuple(int(e) for e in row) for row in exponent.tolist()]
+        return origin, spacing, keys
+
+    def _kernel_ffts(self, keys, spacing, like: torch.Tensor) -> torch.Tensor:
+        """FFTs of the integrated Green's functions (B, 3, 2nx, 2ny, nz + 1), from the cache when the
+        cell sizes were seen before."""
+        out = []
+        for key, h in zip(keys, spacing):
+            full_key = (key, like.dtype, like.device)
+            if full_key in self._kernels:
+                self._kernels.move_to_end(full_key)
+            else:
+                self._kernels[full_key] = integrated_green_ffts(self.grid_shape, h.tolist(), like)
+                if len(self._kernels) > _KERNEL_CACHE_SIZE:
+                    self._kernels.popitem(last=False)
+            out.append(self._kernels[full_key])
+        return torch.stack(out)
+
+
+def _species_charge(species) -> int:
+    from .species import get_species
+
+    return get_species(species).charge_e
+
+
+def _field_antiderivative(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """F with d^3F/(da db dc) = a / r^3, r = |(a, b, c)|: the field of a unit charge along a, integrated
+    over a box by its 8 corners. F = -(b ln(c + r) + c ln(b + r) - a atan(b c / (a r))); the logs are
+    taken in a form without cancellation for negative arguments (corners never lie on an axis)."""
+    r = torch.sqrt(a * a + b * b + c * c)
+
+    def log_plus(u, rest2):  # ln(u + r), for u < 0 as ln(rest2 / (r - u)) with rest2 = r^2 - u^2
+        return torch.where(u >= 0, torch.log(u.abs() + r), torch.log(rest2 / (r - u.clamp_max(0))))
+
+    return -(b * log_plus(c, a * a + b * b) + c * log_plus(b, a * a + c * c) - a * torch.atan(b * c / (a * r)))
+
+
+def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tensor:
+    """FFTs (3, 2nx, 2ny, nz + 1) of the field Green's functions on the doubled grid, each integrated
+    over a source cell of `spacing` (hx, hy, hz) [m] (units: m; times rho [C/m^3] / (4 pi eps0) = V/m).
+    Computed in float64, returned in `like`'s dtype (complex)."""
+    axes = []
+    for n, h in zip(grid_shape, spacing):
+        offsets = torch.arange(-n, n + 1, dtype=torch.float64, device=like.device)  # corner k - 1/2, k = -n..n
+        axes.append((offsets - 0.5) * h)
+    u, v, w = torch.meshgrid(*axes, indexing="ij")
+    kernels = []
+    for a, b, c in ((u, v, w), (v, w, u), (w, u, v)):  # E_x, E_y, E_z: the field direction first
+        f = _field_antiderivative(a, b, c)
+        g = f.diff(dim=0).diff(dim=1).diff(dim=2)  # (2n+1)^3 corners -> (2n)^3 cells, offsets -n..n-1
+        kernels.append(g)
+    g = torch.stack(kernels)
+    g = torch.roll(g, shifts=tuple(-n for n in grid_shape), dims=(1, 2, 3))  # offset 0 first (FFT order)
+    hat = torch.fft.rfftn(g, dim=(1, 2, 3))
+    return hat.to(torch.complex64 if like.dtype != torch.float64 else torch.complex128)
+
+
+def _grid_coordinates(positions, origin, spacing):
+    """Positions in units of cells from the grid origin (B, N, 3) (differentiable)."""
+    return (positions - origin.unsqueeze(-2)) / spacing.unsqueeze(-2)
+
+
+def _cells(g: torch.Tensor, grid_shape, batch: int):
+    """The 8 flat indices (each (B*N,)) of each particle's cloud-in-cell corners, and the fractions
+    fx, fy, fz (B, N) of its position in the lower corner's cell."""
+    nx, ny, nz = grid_shape
+    limit = torch.tensor(grid_shape, dtype=g.dtype, device=g.device) - 2
+    lower = torch.minimum(torch.floor(g).clamp_min(0), limit)
+    fx, fy, fz = (g - lower).unbind(-1)
+    cx, cy, cz = lower.long().unbind(-1)
+    b = torch.arange(batch, device=g.device).unsqueeze(-1)
+    base = (((b * nx + cx) * ny + cy) * nz + cz).reshape(-1)
+    corners = [base + (dx * ny * nz + dy * nz + dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
+    return corners, fx, fy, fz
+
+
+def _corner_weights(fx, fy, fz):
+    """Cloud-in-cell weights of the 8 corners, in the order of `_cells`."""
+    out = []
+    for wx in (1 - fx, fx):
+        for wy in (1 - fy, fy):
+            wxy = wx * wy
+            out += [wxy * (1 - fz), wxy * fz]
+    return out
+
+
+def _interpolate(table: torch.Tensor, corners, fx, fy, fz):
+    """A flat grid quantity `table` interpolated to the particles (B, N), and its derivatives with
+    respect to the fractions (d/dfx, d/dfy, d/dfz) (trilinear, done axis by axis)."""
+    c = [table.index_select(0, index).view_as(fx) for index in corners]
+    dz = [c[1] - c[0], c[3] - c[2], c[5] - c[4], c[7] - c[6]]  # along z at the 4 (x, y) edges
+    a = [c[0] + fz * dz[0], c[2] + fz * dz[1], c[4] + fz * dz[2], c[6] + fz * dz[3]]
+    dy0, dy1 = a[1] - a[0], a[3] - a[2]
+    b0, b1 = a[0] + fy * dy0, a[2] + fy * dy1
+    dz0, dz1 = dz[0] + fy * (dz[1] - dz[0]), dz[2] + fy * (dz[3] - dz[2])
+    return b0 + fx * (b1 - b0), (b1 - b0, dy0 + fx * (dy1 - dy0), dz0 + fx * (dz1 - dz0))
+
+
+class _Deposit(torch.autograd.Function):
+    """Cloud-in-cell charge (B, nx, ny, nz) of particles at grid coordinates g (B, N, 3), each of
+    charge `weight`. Backward: the gradient with respect to g, by interpolating the incoming grid
+    gradient's derivatives (no per-corner temporaries are saved)."""
+
+    @staticmethod
+    def forward(ctx, g, weight: float, grid_shape, batch: int):
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        grid = g.new_zeros(batch * math.prod(grid_shape))
+        for index, w in zip(corners, _corner_weights(fx, fy, fz)):
+            grid.scatter_add_(0, index, (w * weight).reshape(-1))
+        ctx.save_for_backward(g)
+        ctx.meta = (weight, grid_shape, batch)
+        return grid.view(batch, *grid_shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        weight, grid_shape, batch = ctx.meta
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        _, derivatives = _interpolate(grad.reshape(-1), corners, fx, fy, fz)
+        return torch.stack(derivatives, -1) * weight, None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Fields (B, 3, nx, ny, nz) interpolated to particles at grid coordinates g (B, N, 3): (B, N, 3),
+    with the same cloud-in-cell weights as the deposit (so a particle exerts no force on itself)."""
+
+    @staticmethod
+    def forward(ctx, fields, g):
+        batch, grid_shape = fields.shape[0], tuple(fields.shape[2:])
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        tables = fields.transpose(0, 1).reshape(3, -1)
+        values = [_interpolate(table, corners, fx, fy, fz)[0] for table in tables]
+        ctx.save_for_backward(tables, g)
+        ctx.meta = (batch, grid_shape)
+        return torch.stack(values, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        tables, g = ctx.saved_tensors
+        batch, grid_shape = ctx.meta
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        grad_fields = grad_g = None
+        if ctx.needs_input_grad[0]:
+            flat = torch.zeros_like(tables)  # (3, B*M)
+            source = grad.reshape(-1, 3).T  # (3, B*N)
+            for index, w in zip(corners, _corner_weights(fx, fy, fz)):
+                flat.scatter_add_(1, index.expand(3, -1), source * w.reshape(1, -1))
+            grad_fields = flat.view(3, batch, *grid_shape).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_g = 0
+            for k, table in enumerate(tables):
+                _, derivatives = _interpolate(table, corners, fx, fy, fz)
+                grad_g = grad_g + torch.stack(derivatives, -1) * grad[..., k:k + 1]
+        return grad_fields, grad_g
