@@ -11,7 +11,9 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
-    n_dim 4 reconstructs (x, px, y, py) and leaves z = pz = 0; n_dim 6 all six coordinates.
+    n_dim 4 reconstructs (x, px, y, py) and leaves z = pz = 0, or, with longitudinal = (sigma_z [m],
+    sigma_pz), gives z and pz fixed uncorrelated Gaussian values of those sizes (a known bunch length
+    and energy spread: 3D space charge needs a bunch length); n_dim 6 all six coordinates.
     scale: one value or one per reconstructed coordinate, the physical size of a unit network
     output [m for positions, 1 for momenta]. The base samples are drawn once from `seed`, so the
     beam is a deterministic function of the weights; calling with another particle count draws
@@ -30,6 +32,7 @@ class MLPBeamGenerator(nn.Module):
         linear_skip: bool = True,
         scale: float | Sequence[float] = 1e-3,
         seed: int = 0,
+        longitudinal: Sequence[float] | None = None,
     ):
         super().__init__()
         if n_dim not in (4, 6):
@@ -43,8 +46,15 @@ class MLPBeamGenerator(nn.Module):
             scale = scale.expand(n_dim).clone()
         if scale.numel() != n_dim or not (scale > 0).all():
             raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
+        if longitudinal is not None:
+            if n_dim != 4:
+                raise ValueError("longitudinal (sigma_z, sigma_pz) is for n_dim 4; with n_dim 6 z and pz are reconstructed")
+            longitudinal = [float(v) for v in longitudinal]
+            if len(longitudinal) != 2 or min(longitudinal) < 0:
+                raise ValueError(f"longitudinal must be (sigma_z [m], sigma_pz), both >= 0, got {longitudinal}")
         self.n_dim = n_dim
         self.seed = seed
+        self.longitudinal = longitudinal
         layers, width_in = [], n_dim
         for _ in range(hidden_layers):
             layers += [nn.Linear(width_in, hidden_width), ACTIVATIONS[activation]()]
@@ -56,8 +66,9 @@ class MLPBeamGenerator(nn.Module):
         self.register_buffer("base_samples", self._draw(n_particles, seed))
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
+        """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.n_dim, generator=generator)
+        return torch.randn(n, self.n_dim + (2 if self.longitudinal else 0), generator=generator)
 
     @property
     def n_particles(self) -> int:
@@ -68,10 +79,15 @@ class MLPBeamGenerator(nn.Module):
         base = self.base_samples
         if n_particles is not None and n_particles != self.n_particles:
             base = self._draw(n_particles, self.seed + 1).to(base)
+        base, extra = base[:, :self.n_dim], base[:, self.n_dim:]
         coords = self.network(base)
         if self.skip is not None:
             coords = coords + self.skip(base)
         coords = coords * self.scale
         if self.n_dim == 4:
-            coords = torch.cat([coords, coords.new_zeros(coords.shape[0], 2)], dim=-1)
+            if self.longitudinal:
+                longitudinal = extra * torch.tensor(self.longitudinal, dtype=extra.dtype, device=extra.device)
+            else:
+                longitudinal = coords.new_zeros(coords.shape[0], 2)
+            coords = torch.cat([coords, longitudinal], dim=-1)
         return coords

@@ -36,11 +36,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
     lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
-    (faster, first-order) transfer maps.
+    (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres}
+    tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off.
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
-                 warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None):
+                 warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
+                 space_charge: dict | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
@@ -50,6 +52,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
+        if space_charge is not None:
+            unknown = set(space_charge) - {"grid_shape", "max_step"}
+            if unknown:
+                raise ValueError(f"model.space_charge: unknown key(s) {sorted(unknown)}; use grid_shape and max_step")
+            sim.SpaceCharge(**space_charge)  # checks the values now
         self.save_hyperparameters(ignore=["generator"])
         self.generator = generator
         self.lattice: sim.Lattice | None = None
@@ -63,7 +70,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if name not in names:
                 raise ValueError(f"model.tracking names element {name!r}, which is not in the lattice; elements: {names}")
             items[names.index(name)]["tracking"] = method
-        self.lattice = sim.Lattice.from_list(items).to(self.device)
+        space_charge = self.hparams.space_charge
+        if space_charge is not None and not scan.charge > 0:
+            raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
+        space_charge = sim.SpaceCharge(**space_charge) if space_charge is not None else None
+        self.lattice = sim.Lattice.from_list(items, space_charge=space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
 

@@ -64,6 +64,7 @@ def simulate(
     noise: float = 0.0,
     seed: int = 0,
     measure: dict[str, dict[str, float]] | None = None,
+    space_charge: dict | None = None,
 ) -> Path:
     """Track a ground-truth beam through `lattice` (a lattice file) at every setting and write a scan file.
 
@@ -83,13 +84,17 @@ def simulate(
         measure: which screen is read at which settings, e.g. {"YAG_BENT": {"B1.angle": 0.35}}: the
             screen is measured where every named setting equals the given value (1e-9 relative), and
             its image is NaN (not measured) elsewhere. Screens not named are measured everywhere.
+        space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres} to track with 3D space charge
+            of `charge` (see `sim.SpaceCharge`); None: off.
     """
     if (beam is None) == (beam_file is None):
         raise ValueError("give exactly one of beam (a synthetic beam) or beam_file (an openPMD file)")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     lattice_items = sim.lattice.load_lattice_text(Path(lattice).read_text(), lattice)
-    lat = sim.Lattice.from_list(lattice_items)
+    if space_charge is not None and not charge:
+        raise ValueError("space_charge is set but charge is 0: give the bunch charge [C]")
+    lat = sim.Lattice.from_list(lattice_items, space_charge=sim.SpaceCharge(**space_charge) if space_charge else None)
     if not lat.screens:
         raise ValueError(f"{lattice}: the lattice has no Screen, so there is nothing to image")
     names, table = scan_settings(settings, grid)

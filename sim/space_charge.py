@@ -25,7 +25,7 @@ from .tracking import reference
 EPSILON_0 = 8.8541878128e-12  # F/m
 COULOMB = 1.0 / (4.0 * math.pi * EPSILON_0)  # V m / C
 SPACING_RATIO = 2.0 ** (1.0 / 8.0)  # cell sizes are rounded up to powers of this, so kernels can be reused
-_KERNEL_CACHE_SIZE = 32
+_KERNEL_CACHE_BYTES = 512 * 2**20  # least recently used kernels are dropped beyond this
 
 
 class SpaceCharge:
@@ -118,11 +118,16 @@ class SpaceCharge:
             if full_key in self._kernels:
                 self._kernels.move_to_end(full_key)
             else:
-                self._kernels[full_key] = integrated_green_ffts(self.grid_shape, h.tolist(), like)
-                if len(self._kernels) > _KERNEL_CACHE_SIZE:
+                kernel = integrated_green_ffts(self.grid_shape, h.tolist(), like)
+                self._kernels[full_key] = kernel
+                while len(self._kernels) > 1 and len(self._kernels) * _nbytes(kernel) > _KERNEL_CACHE_BYTES:
                     self._kernels.popitem(last=False)
             out.append(self._kernels[full_key])
         return torch.stack(out)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _species_charge(species) -> int:
