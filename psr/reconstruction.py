@@ -36,7 +36,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
     lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
-    (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres}
+    (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
     tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off.
     """
 
@@ -53,9 +53,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
         if space_charge is not None:
-            unknown = set(space_charge) - {"grid_shape", "max_step"}
+            unknown = set(space_charge) - {"grid_shape", "max_step", "extent"}
             if unknown:
-                raise ValueError(f"model.space_charge: unknown key(s) {sorted(unknown)}; use grid_shape and max_step")
+                raise ValueError(f"model.space_charge: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent")
             sim.SpaceCharge(**space_charge)  # checks the values now
         self.save_hyperparameters(ignore=["generator"])
         self.generator = generator

@@ -84,7 +84,7 @@ def simulate(
         measure: which screen is read at which settings, e.g. {"YAG_BENT": {"B1.angle": 0.35}}: the
             screen is measured where every named setting equals the given value (1e-9 relative), and
             its image is NaN (not measured) elsewhere. Screens not named are measured everywhere.
-        space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres} to track with 3D space charge
+        space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k} to track with 3D space charge
             of `charge` (see `sim.SpaceCharge`); None: off.
     """
     if (beam is None) == (beam_file is None):

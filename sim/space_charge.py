@@ -35,20 +35,27 @@ class SpaceCharge:
     rounded up by at most 9 % to a ladder of values so the Green's functions can be cached).
     max_step: longest path [m] between two kicks; the lattice slices every element to at most this
     and kicks in a second-order split (half step, kick, half step).
+    extent: None (default): the grid spans the bunch's bounding box. A number k: at most the mean
+    +- k rms sizes in each direction (for bunches with far outliers, which would otherwise coarsen
+    the grid); particles outside are deposited at and take their field from the nearest grid face.
     """
 
-    def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05):
+    def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05, extent: float | None = None):
         grid_shape = tuple(int(n) for n in grid_shape)
         if len(grid_shape) != 3 or min(grid_shape) < 4:
             raise ValueError(f"SpaceCharge: grid_shape must be three integers >= 4, got {grid_shape}")
         if not (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step > 0):
             raise ValueError(f"SpaceCharge: max_step must be a positive length in metres, got {max_step!r}")
         self.grid_shape = grid_shape
+        if extent is not None and not (isinstance(extent, (int, float)) and math.isfinite(extent) and extent > 0):
+            raise ValueError(f"SpaceCharge: extent must be a positive number of rms sizes or None, got {extent!r}")
         self.max_step = float(max_step)
+        self.extent = None if extent is None else float(extent)
         self._kernels: OrderedDict = OrderedDict()
 
     def __repr__(self) -> str:
-        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step})"
+        extent = "" if self.extent is None else f", extent={self.extent}"
+        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent})"
 
     def kick(self, particles: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
         """Particles (..., N, 6) after the space-charge kick of a step of `length` [m] (a number or a
@@ -80,6 +87,8 @@ class SpaceCharge:
         positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)  # (B, N, 3)
         origin, spacing, keys = self._grid(positions)
         g = _grid_coordinates(positions, origin, spacing)
+        if self.extent is not None:  # outliers onto the grid's faces
+            g = torch.minimum(g.clamp_min(0), torch.tensor(self.grid_shape, dtype=g.dtype, device=g.device) - 1)
         batch = positions.shape[0]
         rho = _Deposit.apply(g, charge / positions.shape[-2], self.grid_shape, batch)  # (B, nx, ny, nz) [C]
         rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
@@ -94,6 +103,10 @@ class SpaceCharge:
         """Origin (B, 3), cell sizes (B, 3) and cache keys of grids that cover each bunch's bounding box
         (particles at least half a cell inside): cell sizes rounded up to powers of SPACING_RATIO."""
         lo_grad, hi_grad = positions.amin(-2), positions.amax(-2)
+        if self.extent is not None:
+            mean, std = positions.detach().mean(-2), positions.detach().std(-2)
+            lo_grad = torch.maximum(lo_grad, mean - self.extent * std)
+            hi_grad = torch.minimum(hi_grad, mean + self.extent * std)
         with torch.no_grad():
             lo, hi = lo_grad.detach(), hi_grad.detach()
             if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):

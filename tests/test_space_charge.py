@@ -39,6 +39,25 @@ def test_field_of_a_uniform_sphere_is_coulombs():
     assert net < 1e-3
 
 
+def test_extent_keeps_the_grid_on_the_core_of_a_bunch_with_outliers():
+    """A uniform sphere plus one particle 100 radii away: the bounding-box grid is too coarse to see the
+    core; a grid of +-3 rms sizes resolves it (the outlier sits on the grid's face)."""
+    n, radius, charge = 40_000, 1e-3, 1e-9
+    core = torch.as_tensor(sample_uniform_ellipsoid(n, [radius / math.sqrt(5)] * 3, seed=7))
+    particles = torch.cat([core, torch.tensor([[0.1, 0, 0, 0, 0, 0]], dtype=core.dtype)])
+    exact = COULOMB * charge * core[:, [0, 2, 4]] / radius**3
+    inner = core[:, [0, 2, 4]].norm(dim=1) < 0.8 * radius
+
+    def error(space_charge):
+        field = space_charge.field(particles[None], 1e3, "proton", charge)[0, :n]
+        return float((field - exact)[inner].norm(dim=1).mean() / exact[inner].norm(dim=1).mean())
+
+    assert error(sim.SpaceCharge((32, 32, 32))) > 0.3
+    assert error(sim.SpaceCharge((32, 32, 32), extent=3.0)) < 0.05
+    with pytest.raises(ValueError, match="extent must be a positive number"):
+        sim.SpaceCharge(extent=0)
+
+
 @pytest.mark.parametrize("species", ["electron", "positron", "proton"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_a_bunch_always_repels_and_keeps_its_centroid(species, sign):
