@@ -1,0 +1,145 @@
+"""Beams with a log-density: a normalizing flow (normflows) and a parametric Gaussian.
+
+Both return particles from fixed base samples (a deterministic function of the weights, like
+`MLPBeamGenerator`) and, from `sample_with_log_density`, the log-density of each particle in
+physical Bmad coordinates, which the entropy estimate -mean(log density) needs.
+"""
+
+import math
+from collections.abc import Sequence
+
+import normflows as nf
+import torch
+from torch import nn
+
+
+def _normalization(n_dim: int, scale, covariance) -> torch.Tensor:
+    """Lower-triangular L (n_dim, n_dim) with L L^T the covariance estimate (from `covariance`, or a
+    diagonal from `scale`: one value or one per coordinate)."""
+    if covariance is not None:
+        covariance = torch.as_tensor(covariance, dtype=torch.float64)
+        if covariance.shape != (n_dim, n_dim):
+            raise ValueError(f"covariance must be {n_dim} x {n_dim}, got {tuple(covariance.shape)}")
+        try:
+            return torch.linalg.cholesky(covariance).float()
+        except RuntimeError:
+            raise ValueError("covariance must be symmetric positive definite") from None
+    scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
+    if scale.numel() == 1:
+        scale = scale.expand(n_dim)
+    if scale.numel() != n_dim or not (scale > 0).all():
+        raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
+    return torch.diag(scale)
+
+
+def _with_longitudinal(coords: torch.Tensor) -> torch.Tensor:
+    """(N, n) -> (N, 6), the coordinates after the first n set to 0 (n = 4: z = pz = 0)."""
+    missing = 6 - coords.shape[-1]
+    return coords if missing == 0 else torch.cat([coords, coords.new_zeros(coords.shape[0], missing)], -1)
+
+
+class NormalizingFlowBeam(nn.Module):
+    """A beam from a normalizing flow: base normal samples through `n_layers` rational-quadratic
+    spline coupling layers (normflows; sampling is their fast direction) with learned linear mixing
+    (LU) between them, then x = mean + L u with L L^T a covariance estimate, so the splines (which act
+    on [-tail_bound, tail_bound]) work in units of the beam's size.
+
+    n_dim: 4 (x, px, y, py; z = pz = 0) or 6. scale [m, 1]: one value or one per coordinate (a diagonal
+    covariance estimate), or covariance: a full (n_dim, n_dim) estimate. hidden_width, num_blocks:
+    the coupling networks. seed: the base samples.
+    """
+
+    def __init__(self, n_particles: int = 10_000, n_dim: int = 6, n_layers: int = 6, hidden_width: int = 64,
+                 num_blocks: int = 2, num_bins: int = 8, tail_bound: float = 4.0,
+                 scale: float | Sequence[float] = 1e-3, covariance=None, mean: Sequence[float] | None = None,
+                 seed: int = 0):
+        super().__init__()
+        if n_dim not in (2, 4, 6):
+            raise ValueError(f"n_dim must be 2, 4 or 6, got {n_dim}")
+        if n_particles < 2 or n_layers < 1:
+            raise ValueError(f"n_particles must be >= 2 and n_layers >= 1, got {n_particles}, {n_layers}")
+        self.n_dim, self.seed = n_dim, seed
+        layers = []
+        for i in range(n_layers):
+            layers.append(nf.flows.CoupledRationalQuadraticSpline(
+                n_dim, num_blocks, hidden_width, num_bins=num_bins, tail_bound=tail_bound, reverse_mask=bool(i % 2)))
+            layers.append(nf.flows.LULinearPermute(n_dim))
+        self.flows = nn.ModuleList(layers)
+        self.register_buffer("cholesky", _normalization(n_dim, scale, covariance))
+        mean = torch.zeros(n_dim) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        if mean.shape != (n_dim,):
+            raise ValueError(f"mean must have {n_dim} values, got {tuple(mean.shape)}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("base_samples", self._draw(n_particles, seed))
+
+    def _draw(self, n: int, seed: int) -> torch.Tensor:
+        return torch.randn(n, self.n_dim, generator=torch.Generator().manual_seed(seed))
+
+    @property
+    def n_particles(self) -> int:
+        return self.base_samples.shape[0]
+
+    def sample_with_log_density(self, n_particles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Particles (N, n_dim) in physical units and their log-density [log of 1/(m^k)] (N,), one pass."""
+        z = self.base_samples
+        if n_particles is not None and n_particles != self.n_particles:
+            z = self._draw(n_particles, self.seed + 1).to(z)
+        log_q = -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi))
+        for flow in self.flows:
+            z, log_det = flow(z)
+            log_q = log_q - log_det
+        x = self.mean + z @ self.cholesky.T
+        return x, log_q - torch.log(torch.diagonal(self.cholesky).abs()).sum()
+
+    def log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density (N,) of points x (N, n_dim) in physical units (the flows run backwards)."""
+        z = torch.linalg.solve_triangular(self.cholesky, (x - self.mean).T, upper=False).T
+        log_det = -torch.log(torch.diagonal(self.cholesky).abs()).sum()
+        for flow in reversed(self.flows):
+            z, ld = flow.inverse(z)
+            log_det = log_det + ld
+        return -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi)) + log_det
+
+    def forward(self, n_particles: int | None = None) -> torch.Tensor:
+        """Particles (N, 6) in Bmad coordinates."""
+        return _with_longitudinal(self.sample_with_log_density(n_particles)[0])
+
+
+class GaussianBeam(nn.Module):
+    """A Gaussian beam: learned mean and Cholesky factor (positive diagonal through exp), particles
+    mean + L z from fixed base samples z. Its entropy is known in closed form (`entropy`).
+
+    n_dim 4 (z = pz = 0) or 6; scale [m, 1]: the initial rms sizes (one value or one per coordinate).
+    """
+
+    def __init__(self, n_particles: int = 10_000, n_dim: int = 6, scale: float | Sequence[float] = 1e-3,
+                 seed: int = 0):
+        super().__init__()
+        if n_dim not in (2, 4, 6):
+            raise ValueError(f"n_dim must be 2, 4 or 6, got {n_dim}")
+        self.n_dim, self.seed = n_dim, seed
+        scale = torch.diagonal(_normalization(n_dim, scale, None))
+        self.mean = nn.Parameter(torch.zeros(n_dim))
+        self.log_diagonal = nn.Parameter(torch.log(scale))
+        self.lower = nn.Parameter(torch.zeros(n_dim, n_dim))  # strictly lower part, in units of the scale
+        self.register_buffer("scale", scale)
+        self.register_buffer("base_samples", torch.randn(n_particles, n_dim, generator=torch.Generator().manual_seed(seed)))
+
+    @property
+    def cholesky(self) -> torch.Tensor:
+        strict = torch.tril(self.lower, diagonal=-1) * self.scale.unsqueeze(0)
+        return strict + torch.diag(torch.exp(self.log_diagonal))
+
+    def entropy(self) -> torch.Tensor:
+        """Differential entropy [nats] in physical units: n/2 log(2 pi e) + log det L."""
+        return 0.5 * self.n_dim * math.log(2 * math.pi * math.e) + self.log_diagonal.sum()
+
+    def sample_with_log_density(self, n_particles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.base_samples
+        if n_particles is not None and n_particles != z.shape[0]:
+            z = torch.randn(n_particles, self.n_dim, generator=torch.Generator().manual_seed(self.seed + 1)).to(z)
+        log_q = -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi)) - self.log_diagonal.sum()
+        return self.mean + z @ self.cholesky.T, log_q
+
+    def forward(self, n_particles: int | None = None) -> torch.Tensor:
+        return _with_longitudinal(self.sample_with_log_density(n_particles)[0])
