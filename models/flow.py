@@ -12,6 +12,8 @@ import normflows as nf
 import torch
 from torch import nn
 
+from .generator import draw_base_samples
+
 
 def _normalization(n_dim: int, scale, covariance) -> torch.Tensor:
     """Lower-triangular L (n_dim, n_dim) with L L^T the covariance estimate (from `covariance`, or a
@@ -30,6 +32,10 @@ def _normalization(n_dim: int, scale, covariance) -> torch.Tensor:
     if scale.numel() != n_dim or not (scale > 0).all():
         raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
     return torch.diag(scale)
+
+
+def _standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
 
 
 def _with_longitudinal(coords: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,7 @@ class NormalizingFlowBeam(nn.Module):
         self.register_buffer("base_samples", self._draw(n_particles, seed))
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
-        return torch.randn(n, self.n_dim, generator=torch.Generator().manual_seed(seed))
+        return draw_base_samples(n, self.n_dim, seed)
 
     @property
     def n_particles(self) -> int:
@@ -84,7 +90,7 @@ class NormalizingFlowBeam(nn.Module):
         z = self.base_samples
         if n_particles is not None and n_particles != self.n_particles:
             z = self._draw(n_particles, self.seed + 1).to(z)
-        log_q = -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi))
+        log_q = _standard_normal_log_density(z)
         for flow in self.flows:
             z, log_det = flow(z)
             log_q = log_q - log_det
@@ -98,7 +104,7 @@ class NormalizingFlowBeam(nn.Module):
         for flow in reversed(self.flows):
             z, ld = flow.inverse(z)
             log_det = log_det + ld
-        return -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi)) + log_det
+        return _standard_normal_log_density(z) + log_det
 
     def forward(self, n_particles: int | None = None) -> torch.Tensor:
         """Particles (N, 6) in Bmad coordinates."""
@@ -123,7 +129,7 @@ class GaussianBeam(nn.Module):
         self.log_diagonal = nn.Parameter(torch.log(scale))
         self.lower = nn.Parameter(torch.zeros(n_dim, n_dim))  # strictly lower part, in units of the scale
         self.register_buffer("scale", scale)
-        self.register_buffer("base_samples", torch.randn(n_particles, n_dim, generator=torch.Generator().manual_seed(seed)))
+        self.register_buffer("base_samples", draw_base_samples(n_particles, n_dim, seed))
 
     @property
     def cholesky(self) -> torch.Tensor:
@@ -137,8 +143,8 @@ class GaussianBeam(nn.Module):
     def sample_with_log_density(self, n_particles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.base_samples
         if n_particles is not None and n_particles != z.shape[0]:
-            z = torch.randn(n_particles, self.n_dim, generator=torch.Generator().manual_seed(self.seed + 1)).to(z)
-        log_q = -0.5 * (z.square().sum(-1) + self.n_dim * math.log(2 * math.pi)) - self.log_diagonal.sum()
+            z = draw_base_samples(n_particles, self.n_dim, self.seed + 1).to(z)
+        log_q = _standard_normal_log_density(z) - self.log_diagonal.sum()
         return self.mean + z @ self.cholesky.T, log_q
 
     def forward(self, n_particles: int | None = None) -> torch.Tensor:

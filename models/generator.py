@@ -8,6 +8,11 @@ from torch import nn
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
 
 
+def draw_base_samples(n: int, n_dim: int, seed: int) -> torch.Tensor:
+    """Standard-normal base samples (n, n_dim) from `seed` (a beam model's fixed input)."""
+    return torch.randn(n, n_dim, generator=torch.Generator().manual_seed(seed))
+
+
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
@@ -67,8 +72,7 @@ class MLPBeamGenerator(nn.Module):
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
         """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.n_dim + (2 if self.longitudinal else 0), generator=generator)
+        return draw_base_samples(n, self.n_dim + (2 if self.longitudinal else 0), seed)
 
     @property
     def n_particles(self) -> int:

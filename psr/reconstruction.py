@@ -52,11 +52,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
-        if space_charge is not None:
-            unknown = set(space_charge) - {"grid_shape", "max_step", "extent"}
-            if unknown:
-                raise ValueError(f"model.space_charge: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent")
-            sim.SpaceCharge(**space_charge)  # checks the values now
+        sim.SpaceCharge.from_config(space_charge, "model.space_charge")  # checks the settings now
         self.save_hyperparameters(ignore=["generator"])
         self.generator = generator
         self.lattice: sim.Lattice | None = None
@@ -70,10 +66,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if name not in names:
                 raise ValueError(f"model.tracking names element {name!r}, which is not in the lattice; elements: {names}")
             items[names.index(name)]["tracking"] = method
-        space_charge = self.hparams.space_charge
+        space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         if space_charge is not None and not scan.charge > 0:
             raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
-        space_charge = sim.SpaceCharge(**space_charge) if space_charge is not None else None
         self.lattice = sim.Lattice.from_list(items, space_charge=space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)

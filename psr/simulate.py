@@ -92,9 +92,10 @@ def simulate(
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     lattice_items = sim.lattice.load_lattice_text(Path(lattice).read_text(), lattice)
+    space_charge = sim.SpaceCharge.from_config(space_charge)
     if space_charge is not None and not charge:
         raise ValueError("space_charge is set but charge is 0: give the bunch charge [C]")
-    lat = sim.Lattice.from_list(lattice_items, space_charge=sim.SpaceCharge(**space_charge) if space_charge else None)
+    lat = sim.Lattice.from_list(lattice_items, space_charge=space_charge)
     if not lat.screens:
         raise ValueError(f"{lattice}: the lattice has no Screen, so there is nothing to image")
     names, table = scan_settings(settings, grid)

@@ -147,9 +147,10 @@ class Lattice(nn.Module):
         if longest == 0:
             return _step(element, overrides, particles, matrix, p0c, beam.species)
         n = max(1, math.ceil(longest / self.space_charge.max_step - 1e-9))
-        for piece in range(2 * n):
-            sliced = element.slice_overrides(overrides, particles, 0.5 / n, piece == 0, piece == 2 * n - 1)
-            particles, matrix, p0c = _step(element, sliced, particles, matrix, p0c, beam.species)
+        faces = [(piece == 0, piece == 2 * n - 1) for piece in range(2 * n)]
+        slices = {face: element.slice_overrides(overrides, particles, 0.5 / n, *face) for face in set(faces)}
+        for piece, face in enumerate(faces):
+            particles, matrix, p0c = _step(element, slices[face], particles, matrix, p0c, beam.species)
             if piece % 2 == 0:
                 particles, matrix = _apply(particles, matrix), None
                 particles = self.space_charge.kick(particles, p0c, beam.species, beam.charge, length / n)

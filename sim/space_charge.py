@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 
+from .species import get_species
 from .tracking import reference
 
 EPSILON_0 = 8.8541878128e-12  # F/m
@@ -53,6 +54,17 @@ class SpaceCharge:
         self.extent = None if extent is None else float(extent)
         self._kernels: OrderedDict = OrderedDict()
 
+    @classmethod
+    def from_config(cls, config: dict | None, where: str = "space_charge") -> "SpaceCharge | None":
+        """From a config mapping {grid_shape, max_step, extent} (None: no space charge); `where` names
+        the option in the error for an unknown key."""
+        if config is None:
+            return None
+        unknown = set(config) - {"grid_shape", "max_step", "extent"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent")
+        return cls(**config)
+
     def __repr__(self) -> str:
         extent = "" if self.extent is None else f", extent={self.extent}"
         return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent})"
@@ -66,7 +78,7 @@ class SpaceCharge:
         flat = particles.reshape(-1, n, 6)
         field = self.field(flat, p0c, species, abs(charge))  # (B, N, 3) rest-frame E' [V/m]
         p0c_t, energy, mass = reference(p0c, species, particles)
-        charge_e = abs(_species_charge(species))
+        charge_e = abs(get_species(species).charge_e)
         gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
         length = torch.as_tensor(length, dtype=particles.dtype, device=particles.device)
         transverse = (charge_e * length / (gamma**2 * beta2 * mass)).unsqueeze(-1)  # (...,1) settings shape
@@ -143,12 +155,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _species_charge(species) -> int:
-    from .species import get_species
-
-    return get_species(species).charge_e
-
-
 def _field_antiderivative(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """F with d^3F/(da db dc) = a / r^3, r = |(a, b, c)|: the field of a unit charge along a, integrated
     over a box by its 8 corners. F = -(b ln(c + r) + c ln(b + r) - a atan(b c / (a r))); the logs are
@@ -210,16 +216,19 @@ def _corner_weights(fx, fy, fz):
     return out
 
 
-def _interpolate(table: torch.Tensor, corners, fx, fy, fz):
-    """A flat grid quantity `table` interpolated to the particles (B, N), and its derivatives with
-    respect to the fractions (d/dfx, d/dfy, d/dfz) (trilinear, done axis by axis)."""
+def _interpolate(table: torch.Tensor, corners, fx, fy, fz, derivatives: bool = False):
+    """A flat grid quantity `table` interpolated to the particles (B, N) (trilinear, axis by axis) and,
+    with `derivatives`, its derivatives with respect to the fractions (d/dfx, d/dfy, d/dfz)."""
     c = [table.index_select(0, index).view_as(fx) for index in corners]
     dz = [c[1] - c[0], c[3] - c[2], c[5] - c[4], c[7] - c[6]]  # along z at the 4 (x, y) edges
     a = [c[0] + fz * dz[0], c[2] + fz * dz[1], c[4] + fz * dz[2], c[6] + fz * dz[3]]
     dy0, dy1 = a[1] - a[0], a[3] - a[2]
     b0, b1 = a[0] + fy * dy0, a[2] + fy * dy1
+    value = b0 + fx * (b1 - b0)
+    if not derivatives:
+        return value
     dz0, dz1 = dz[0] + fy * (dz[1] - dz[0]), dz[2] + fy * (dz[3] - dz[2])
-    return b0 + fx * (b1 - b0), (b1 - b0, dy0 + fx * (dy1 - dy0), dz0 + fx * (dz1 - dz0))
+    return value, (b1 - b0, dy0 + fx * (dy1 - dy0), dz0 + fx * (dz1 - dz0))
 
 
 class _Deposit(torch.autograd.Function):
@@ -243,7 +252,7 @@ class _Deposit(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         weight, grid_shape, batch = ctx.meta
         corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        _, derivatives = _interpolate(grad.reshape(-1), corners, fx, fy, fz)
+        _, derivatives = _interpolate(grad.reshape(-1), corners, fx, fy, fz, derivatives=True)
         return torch.stack(derivatives, -1) * weight, None, None, None
 
 
@@ -256,7 +265,7 @@ class _Gather(torch.autograd.Function):
         batch, grid_shape = fields.shape[0], tuple(fields.shape[2:])
         corners, fx, fy, fz = _cells(g, grid_shape, batch)
         tables = fields.transpose(0, 1).reshape(3, -1)
-        values = [_interpolate(table, corners, fx, fy, fz)[0] for table in tables]
+        values = [_interpolate(table, corners, fx, fy, fz) for table in tables]
         ctx.save_for_backward(tables, g)
         ctx.meta = (batch, grid_shape)
         return torch.stack(values, -1)
@@ -277,6 +286,6 @@ class _Gather(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_g = 0
             for k, table in enumerate(tables):
-                _, derivatives = _interpolate(table, corners, fx, fy, fz)
+                _, derivatives = _interpolate(table, corners, fx, fy, fz, derivatives=True)
                 grad_g = grad_g + torch.stack(derivatives, -1) * grad[..., k:k + 1]
         return grad_fields, grad_g
