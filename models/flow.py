@@ -38,8 +38,8 @@ def _standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.square().sum(-1) + z.shape[-1] * math.log(2 * math.pi))
 
 
-def _with_longitudinal(coords: torch.Tensor) -> torch.Tensor:
-    """(N, n) -> (N, 6), the coordinates after the first n set to 0 (n = 4: z = pz = 0)."""
+def as_particles(coords: torch.Tensor) -> torch.Tensor:
+    """(N, n) -> (N, 6) Bmad coordinates, those after the first n set to 0 (n = 4: z = pz = 0)."""
     missing = 6 - coords.shape[-1]
     return coords if missing == 0 else torch.cat([coords, coords.new_zeros(coords.shape[0], missing)], -1)
 
@@ -52,19 +52,22 @@ class NormalizingFlowBeam(nn.Module):
 
     n_dim: 4 (x, px, y, py; z = pz = 0) or 6. scale [m, 1]: one value or one per coordinate (a diagonal
     covariance estimate), or covariance: a full (n_dim, n_dim) estimate. hidden_width, num_blocks:
-    the coupling networks. seed: the base samples.
+    the coupling networks. seed: the base samples. resample: in training mode draw fresh base
+    samples at every call (MENT-Flow does: fixed samples let a maximum-entropy fit shape the particles
+    to the pixel noise of the measured images, which lowers its entropy); evaluation mode always
+    uses the fixed samples.
     """
 
     def __init__(self, n_particles: int = 10_000, n_dim: int = 6, n_layers: int = 6, hidden_width: int = 64,
                  num_blocks: int = 2, num_bins: int = 8, tail_bound: float = 4.0,
                  scale: float | Sequence[float] = 1e-3, covariance=None, mean: Sequence[float] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, resample: bool = False):
         super().__init__()
         if n_dim not in (2, 4, 6):
             raise ValueError(f"n_dim must be 2, 4 or 6, got {n_dim}")
         if n_particles < 2 or n_layers < 1:
             raise ValueError(f"n_particles must be >= 2 and n_layers >= 1, got {n_particles}, {n_layers}")
-        self.n_dim, self.seed = n_dim, seed
+        self.n_dim, self.seed, self.resample = n_dim, seed, resample
         layers = []
         for i in range(n_layers):
             layers.append(nf.flows.CoupledRationalQuadraticSpline(
@@ -88,7 +91,9 @@ class NormalizingFlowBeam(nn.Module):
     def sample_with_log_density(self, n_particles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Particles (N, n_dim) in physical units and their log-density [log of 1/(m^k)] (N,), one pass."""
         z = self.base_samples
-        if n_particles is not None and n_particles != self.n_particles:
+        if self.resample and self.training:
+            z = torch.randn(n_particles or self.n_particles, self.n_dim, device=z.device, dtype=z.dtype)
+        elif n_particles is not None and n_particles != self.n_particles:
             z = self._draw(n_particles, self.seed + 1).to(z)
         log_q = _standard_normal_log_density(z)
         for flow in self.flows:
@@ -108,7 +113,7 @@ class NormalizingFlowBeam(nn.Module):
 
     def forward(self, n_particles: int | None = None) -> torch.Tensor:
         """Particles (N, 6) in Bmad coordinates."""
-        return _with_longitudinal(self.sample_with_log_density(n_particles)[0])
+        return as_particles(self.sample_with_log_density(n_particles)[0])
 
 
 class GaussianBeam(nn.Module):
@@ -147,5 +152,10 @@ class GaussianBeam(nn.Module):
         log_q = _standard_normal_log_density(z) - self.log_diagonal.sum()
         return self.mean + z @ self.cholesky.T, log_q
 
+    def log_density(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density (N,) of points x (N, n_dim) in physical units."""
+        z = torch.linalg.solve_triangular(self.cholesky, (x - self.mean).T, upper=False).T
+        return _standard_normal_log_density(z) - self.log_diagonal.sum()
+
     def forward(self, n_particles: int | None = None) -> torch.Tensor:
-        return _with_longitudinal(self.sample_with_log_density(n_particles)[0])
+        return as_particles(self.sample_with_log_density(n_particles)[0])

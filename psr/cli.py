@@ -1,5 +1,6 @@
 """The `psr` command: `psr fit` (LightningCLI) and `psr simulate`."""
 
+import json
 import sys
 import time
 import warnings
@@ -47,7 +48,7 @@ def fit_cli(args=None, run=True) -> PsrCLI:
         run=run,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "psr: phase-space reconstruction (subcommands below; also `psr simulate`)"},
+        parser_kwargs={"description": "psr: phase-space reconstruction (subcommands below; also `psr simulate` and `psr ensemble`)"},
     )
 
 
@@ -60,13 +61,53 @@ def simulate_cli(args) -> None:
     print(f"wrote {path}")
 
 
+ENSEMBLE_USAGE = """usage: psr ensemble [--members M] [--first_seed S] [--parallel P] [--name NAME] <psr fit arguments>
+
+Fit M reconstructions of one scan with seeds S, S+1, ... (each seeds the network and the base samples),
+then write the mean and spread of emittances, phase-space projections and predicted images, with
+confidence-band plots, into <save_dir>/<logger name>/<NAME>/ (members in member_<i>/).
+Members run one after another in this process, or P at a time as separate `psr fit` processes, one
+GPU each where there are several (default P: the number of GPUs if more than one, else 1).
+Example: psr ensemble --members 5 --config configs/quad_scan_4d.yaml --trainer.max_epochs 8"""
+
+
+def ensemble_cli(args: list[str]) -> None:
+    import argparse
+
+    from .ensemble import run_ensemble
+    from .report import format_emittances
+
+    parser = argparse.ArgumentParser(prog="psr ensemble", usage=ENSEMBLE_USAGE, add_help=False)
+    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--first_seed", type=int, default=0)
+    parser.add_argument("--parallel", type=int, default=None)
+    parser.add_argument("--name", default=None)
+    if not args or "-h" in args or "--help" in args:
+        print(ENSEMBLE_USAGE)
+        raise SystemExit(0)
+    options, fit_args = parser.parse_known_args(args)
+    folder = run_ensemble(fit_args, options.members, options.first_seed, options.parallel, options.name)
+    summary = json.loads((folder / "ensemble_emittances.json").read_text())
+    rows = {key: {"reconstructed": row["mean"], **({"true": row["true"], "relative_error": row["mean_relative_error"]}
+                                                   if "true" in row else {})}
+            for key, row in summary["emittances"].items()}
+    print(f"\nensemble of {summary['members']} (mean of members):")
+    print(format_emittances(rows))
+    print("relative spread (std / mean): " + ", ".join(
+        f"{key} {100 * row['relative_std']:.2f} %" for key, row in summary["emittances"].items()))
+    print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
+    print(f"ensemble folder: {folder}")
+
+
 def main(argv=None) -> None:
     """Entry point. Bad input (files, settings, parameters) ends with one error line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = "simulate" if argv and argv[0] == "simulate" else (argv[0] if argv else "")
+    command = argv[0] if argv and argv[0] in ("simulate", "ensemble") else (argv[0] if argv else "")
     try:
         if command == "simulate":
             simulate_cli(argv[1:])
+        elif command == "ensemble":
+            ensemble_cli(argv[1:])
         else:
             fit_cli(argv)
     except (ValueError, KeyError, FileNotFoundError) as err:

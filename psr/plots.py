@@ -13,15 +13,21 @@ COORDINATES = {"x": (0, 1e3, "x [mm]"), "px": (1, 1e3, "px [mrad]"), "y": (2, 1e
                "py": (3, 1e3, "py [mrad]"), "z": (4, 1e3, "z [mm]"), "pz": (5, 1e3, "pz [1e-3]")}
 
 
+def _paired_panels(n: int, per_row: int, size: tuple[float, float]):
+    """A figure with two rows of panels per row of `per_row` settings (n settings), all axes off."""
+    per_row = min(per_row, n)
+    rows = -(-n // per_row)
+    fig, axes = plt.subplots(2 * rows, per_row, figsize=(size[0] * per_row, size[1] * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes, per_row
+
+
 def plot_images(path, measured: np.ndarray, predicted: np.ndarray, extent, labels: list[str], screen: str,
                 validation: np.ndarray | None = None, per_row: int = 10) -> None:
     """Measured (top) above predicted (bottom) for every setting; validation settings marked."""
     n = measured.shape[0]
-    per_row = min(per_row, n)
-    rows = -(-n // per_row)
-    fig, axes = plt.subplots(2 * rows, per_row, figsize=(1.6 * per_row, 3.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    fig, axes, per_row = _paired_panels(n, per_row, (1.6, 3.4))
     for k in range(n):
         r, c = 2 * (k // per_row), k % per_row
         vmax = max(np.nanmax(measured[k]), np.nanmax(predicted[k]), 1e-30)
@@ -93,3 +99,69 @@ def plot_loss(path, metrics_csv) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_ensemble_marginals(path, ranges: dict, marginals: dict, truth: np.ndarray | None = None) -> None:
+    """1D phase-space marginals of an ensemble: mean with +-1 and +-2 std bands, the truth as a line."""
+    axes_names = list(marginals)
+    fig, axes = plt.subplots(1, len(axes_names), figsize=(3.0 * len(axes_names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], axes_names):
+        index, scale, label = COORDINATES[name]
+        mean, std = marginals[name]["mean"], marginals[name]["std"]
+        edges = np.linspace(*ranges[name], mean.size + 1)
+        centres = 0.5 * (edges[1:] + edges[:-1]) * scale
+        for k, alpha in ((2, 0.2), (1, 0.4)):
+            ax.fill_between(centres, np.clip(mean - k * std, 0, None) / scale, (mean + k * std) / scale,
+                            color="C0", alpha=alpha, lw=0, label=f"+-{k} std")
+        ax.plot(centres, mean / scale, color="C0", label="ensemble mean")
+        if truth is not None:
+            density, _ = np.histogram(truth[:, index], edges, density=True)
+            ax.step(centres, density / scale, where="mid", color="k", lw=0.8, label="truth")
+        ax.set_xlabel(label)
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ensemble_phase_space(path, ranges: dict, projections: dict) -> None:
+    """2D projections of an ensemble: the mean (upper row) and the members' std (lower row, same scale)."""
+    fig, axes = plt.subplots(2, len(projections), figsize=(3.2 * len(projections), 6.0), squeeze=False)
+    for col, (key, values) in enumerate(projections.items()):
+        a, b = key.split("-")
+        extent = [*(np.asarray(ranges[a]) * COORDINATES[a][1]), *(np.asarray(ranges[b]) * COORDINATES[b][1])]
+        vmax = values["mean"].max()
+        for row, (field, title) in enumerate((("mean", "mean"), ("std", "std (spread)"))):
+            ax = axes[row, col]
+            ax.imshow(values[field].T, origin="lower", extent=extent, aspect="auto", vmin=0, vmax=vmax, cmap="viridis")
+            ax.set_xlabel(COORDINATES[a][2])
+            ax.set_ylabel(COORDINATES[b][2])
+            ax.set_title(f"{key} {title}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ensemble_profiles(path, measured: np.ndarray, profiles: dict, labels: list[str], screen: str,
+                           per_row: int = 8) -> None:
+    """Horizontal and vertical profiles of every image: measured (black) and the ensemble's predicted
+    mean with a +-2 std band (orange). profiles: {"x"|"y": {"mean", "std"}: (K, pixels)}."""
+    n = measured.shape[0]
+    fig, axes, per_row = _paired_panels(n, per_row, (2.0, 3.6))
+    for k in range(n):
+        r, c = 2 * (k // per_row), k % per_row
+        for offset, (tag, summed_axis) in enumerate((("x", 0), ("y", 1))):
+            ax = axes[r + offset, c]
+            ax.set_axis_on()
+            mean, std = profiles[tag]["mean"][k], profiles[tag]["std"][k]
+            pixels = np.arange(mean.size)
+            ax.fill_between(pixels, np.clip(mean - 2 * std, 0, None), mean + 2 * std, color="C1", alpha=0.35, lw=0)
+            ax.plot(pixels, mean, color="C1", lw=0.8)
+            ax.plot(pixels, measured[k].sum(axis=summed_axis), color="k", lw=0.6)
+            ax.set_title(f"{tag} profile" + (f" {labels[k]}" if offset == 0 else ""), fontsize=6)
+            ax.tick_params(labelsize=5)
+    fig.suptitle(f"{screen}: measured (black),\nensemble mean +- 2 std (orange)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sim
+from models import as_particles
 
 LOSSES = ("l1", "mse")
 
@@ -38,11 +39,21 @@ class PhaseSpaceReconstruction(L.LightningModule):
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
     (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
     tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off.
+
+    Maximum entropy (MENT-Flow's penalty method, Hoover & Wong, Phys. Rev. Research 6, 033163 (2024)):
+    with `entropy_penalty` = mu (> 0) the objective is -H[rho, prior] + mu * D, D the image mismatch
+    and H[rho, prior] = -E_rho[log rho - log prior] [nats] estimated from the generator's own
+    log-density (a `models.NormalizingFlowBeam` or `models.GaussianBeam`). prior: a module with
+    `log_density(x)` over the generator's coordinates (e.g. a fixed `models.GaussianBeam`); None: a
+    flat prior (plain entropy). The callback `psr.callbacks.PenaltySchedule` raises mu stage by stage
+    until D falls under a threshold. "train_loss" stays the image mismatch D; the objective is logged
+    as "train_objective", the entropy as "entropy" and mu as "penalty".
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
-                 space_charge: dict | None = None):
+                 space_charge: dict | None = None, entropy_penalty: float | None = None,
+                 prior: nn.Module | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
@@ -53,8 +64,25 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
         sim.SpaceCharge.from_config(space_charge, "model.space_charge")  # checks the settings now
-        self.save_hyperparameters(ignore=["generator"])
+        if entropy_penalty is not None:
+            if not entropy_penalty > 0:
+                raise ValueError(f"model.entropy_penalty must be positive (or null for a plain fit), got {entropy_penalty}")
+            if not hasattr(generator, "sample_with_log_density"):
+                raise ValueError(f"model.entropy_penalty needs a generator with a log-density (models.NormalizingFlowBeam "
+                                 f"or models.GaussianBeam); {type(generator).__name__} has none")
+        if prior is not None:
+            if entropy_penalty is None:
+                raise ValueError("model.prior is only used with model.entropy_penalty (maximum entropy)")
+            if not hasattr(prior, "log_density"):
+                raise ValueError(f"model.prior must have log_density(x); {type(prior).__name__} has none")
+            if getattr(prior, "n_dim", None) != getattr(generator, "n_dim", None):
+                raise ValueError(f"model.prior has n_dim {getattr(prior, 'n_dim', None)}, the generator "
+                                 f"{getattr(generator, 'n_dim', None)}")
+            prior.requires_grad_(False)
+        self.save_hyperparameters(ignore=["generator", "prior"])
         self.generator = generator
+        self.prior = prior
+        self.register_buffer("penalty", torch.tensor(float(entropy_penalty or 0.0), dtype=torch.float64))
         self.lattice: sim.Lattice | None = None
         self.setting_names: list[str] = []
 
@@ -92,17 +120,42 @@ class PhaseSpaceReconstruction(L.LightningModule):
         values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
         return self.lattice(beam, values, screen_rows=measured).images
 
-    def _loss(self, batch) -> torch.Tensor:
+    @property
+    def max_entropy(self) -> bool:
+        return self.hparams.entropy_penalty is not None
+
+    def relative_entropy(self, n_particles: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(particles (N, 6), H[rho, prior] [nats]): -mean(log rho - log prior) over the generator's
+        own samples (the plain entropy in Bmad units without a prior)."""
+        coords, log_density = self.generator.sample_with_log_density(n_particles)
+        if self.prior is not None:
+            log_density = log_density - self.prior.log_density(coords)
+        return as_particles(coords), -log_density.mean()
+
+    def _loss(self, batch, beam: sim.ParticleBeam | None = None) -> torch.Tensor:
         measured = batch["measured"]
-        predicted = self.predict_images(batch["settings"], measured=measured)
+        predicted = self.predict_images(batch["settings"], beam, measured=measured)
         losses = [image_loss(predicted[name], batch["images"][name][measured[name]], self.hparams.loss)
                   for name in batch["images"]]
         return torch.stack(losses).mean()
 
+    @torch.no_grad()
+    def image_mismatch(self, batch, n_particles: int | None = None) -> float:
+        """The mean image mismatch D of a batch with a beam of `n_particles` (more particles than in
+        training: D without most of the model's shot noise)."""
+        return self._loss(batch, self.beam(n_particles)).item()
+
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
+        if not self.max_entropy:
+            loss = self._loss(batch)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+        particles, entropy = self.relative_entropy()
+        mismatch = self._loss(batch, sim.ParticleBeam(particles, self.p0c, self.species, self.charge))
+        objective = -entropy + self.penalty.to(mismatch.dtype) * mismatch
+        self.log("train_loss", mismatch, prog_bar=True)
+        self.log_dict({"train_objective": objective, "entropy": entropy, "penalty": self.penalty.float()})
+        return objective
 
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -46,6 +47,16 @@ def format_emittances(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def write_predicted_images(path: Path, images: dict[str, np.ndarray]) -> None:
+    """The reconstruction's unit-sum images (K, H, W) at every setting, one dataset per screen (written
+    to a temporary file and renamed, so never half-written)."""
+    partial = path.with_name(f".{path.name}.tmp")
+    with h5py.File(partial, "w") as handle:
+        for name, stack in images.items():
+            handle.create_dataset(name, data=stack, compression="gzip")
+    partial.replace(path)
+
+
 @torch.no_grad()
 def write_report(model, datamodule, run_dir) -> dict:
     """Write beam.h5, emittances.json and PNG plots into run_dir; return the emittance comparison."""
@@ -64,10 +75,13 @@ def write_report(model, datamodule, run_dir) -> dict:
     if scan.ground_truth is not None:
         truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes)
     rows = compare_emittances(recon, truth)
+    if hasattr(model.generator, "sample_with_log_density"):  # a beam with a density: its entropy estimate
+        rows["entropy_nats"] = {"reconstructed": model.relative_entropy()[1].item()}
     (run_dir / "emittances.json").write_text(json.dumps(rows, indent=2))
 
     settings = datamodule.settings.to(model.device)
     predicted = model.predict_images(settings, beam)
+    write_predicted_images(run_dir / "predicted_images.h5", {k: v.float().cpu().numpy() for k, v in predicted.items()})
     validation = np.isin(np.arange(settings.shape[0]), datamodule.val_index)
     labels = [", ".join(f"{v:.3g}" for v in row) for row in scan.settings]
     for name, screen in model.lattice.screens.items():

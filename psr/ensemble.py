@@ -1,0 +1,182 @@
+"""Ensembles: M reconstructions of one scan with different seeds, then the mean and spread of their
+emittances, phase-space projections and predicted screen images (`psr ensemble`)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import yaml
+
+from .datamodule import prepare_images
+from .openpmd import read_openpmd
+from .plots import plot_ensemble_marginals, plot_ensemble_phase_space, plot_ensemble_profiles
+from .report import PLANES_4D, PLANES_6D, emittance_table
+from .scanfile import read_scan
+
+AXES = ("x", "px", "y", "py", "z", "pz")
+PROJECTION_BINS = 48
+
+
+def member_arguments(fit_args: list[str], seed: int, version: str) -> list[str]:
+    """`psr fit` arguments of one member: its seed (network and base samples) and its run folder."""
+    return ["fit", *fit_args, f"--seed_everything={seed}", f"--model.generator.init_args.seed={seed}",
+            f"--trainer.logger.init_args.version={version}"]
+
+
+def run_ensemble(fit_args: list[str], members: int, first_seed: int = 0, parallel: int | None = None,
+                 name: str | None = None) -> Path:
+    """Fit `members` reconstructions (seeds first_seed, first_seed + 1, ...) and summarize them.
+
+    fit_args: `psr fit` arguments (a config with a CSVLogger). Members run one after another in this
+    process, or `parallel` at a time as `psr fit` processes, one device each where there are several
+    GPUs (default: parallel = the number of GPUs when there are several, else 1). Returns the
+    ensemble folder <save_dir>/<name>/<ensemble name>, holding member_<i>/ and the summary.
+    """
+    from .cli import fit_cli
+
+    if members < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {members}")
+    gpus = torch.cuda.device_count()
+    parallel = parallel or (gpus if gpus > 1 else 1)
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    name = name or time.strftime("ensemble_%Y%m%d-%H%M%S")
+    versions = [f"{name}/member_{i}" for i in range(members)]
+    seeds = [first_seed + i for i in range(members)]
+    first = fit_cli(member_arguments(fit_args, seeds[0], versions[0]))  # also checks the arguments
+    folder = Path(first.trainer.log_dir).parent
+    rest = list(zip(seeds[1:], versions[1:]))
+    if parallel == 1:
+        for seed, version in rest:
+            fit_cli(member_arguments(fit_args, seed, version))
+    else:
+        _run_processes(fit_args, rest, parallel, gpus)
+    return summarize_ensemble(sorted(folder.glob("member_*"), key=lambda p: int(p.name.split("_")[1])), folder)
+
+
+def _run_processes(fit_args, jobs, parallel: int, gpus: int) -> None:
+    """Run `psr fit` for every (seed, version), at most `parallel` at once, GPU i % gpus each."""
+    running, failed = [], []
+    for slot, (seed, version) in enumerate(jobs):
+        while len(running) >= parallel:
+            running = _reap(running, failed)
+            time.sleep(0.2)
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+        command = [sys.executable, "-m", "psr.cli", *member_arguments(fit_args, seed, version),
+                   "--trainer.enable_progress_bar=false"]
+        running.append((version, subprocess.Popen(command, env=env)))
+    while running:
+        running = _reap(running, failed)
+        time.sleep(0.2)
+    if failed:
+        raise RuntimeError(f"ensemble member run(s) failed: {failed}")
+
+
+def _reap(running, failed):
+    still = []
+    for version, process in running:
+        code = process.poll()
+        if code is None:
+            still.append((version, process))
+        elif code:
+            failed.append(f"{version} (exit code {code})")
+    return still
+
+
+def _member_data(folder: Path) -> dict:
+    for needed in ("beam.h5", "predicted_images.h5", "config.yaml"):
+        if not (folder / needed).exists():
+            raise FileNotFoundError(f"{folder}: no {needed} (did this member's fit finish?)")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    with h5py.File(folder / "predicted_images.h5", "r") as handle:
+        images = {name: handle[name][...] for name in handle}
+    return {"path": config["data"]["path"], "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
+            "particles": read_openpmd(folder / "beam.h5").particles, "images": images}
+
+
+def _spread(stack: np.ndarray) -> dict:
+    return {"mean": stack.mean(0), "std": stack.std(0, ddof=1)}
+
+
+def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
+    """Mean and spread over members of emittances, 1D/2D phase-space projections and predicted images;
+    writes ensemble_emittances.json, ensemble_projections.h5 and plots into `folder`."""
+    members = [_member_data(Path(d)) for d in member_dirs]
+    if len(members) < 2:
+        raise ValueError(f"{folder}: an ensemble summary needs at least 2 members, found {len(members)}")
+    if len({m["path"] for m in members}) != 1:
+        raise ValueError(f"{folder}: the members fitted different scan files: {sorted({m['path'] for m in members})}")
+    scan = read_scan(members[0]["path"])
+    n_dim = members[0]["n_dim"]
+    planes = PLANES_6D if n_dim == 6 else PLANES_4D
+    axes = AXES[:max(n_dim, 4)]
+    tables = [emittance_table(m["particles"], scan.p0c, scan.species, planes) for m in members]
+    truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes) if scan.ground_truth is not None else None
+    emittances = {}
+    for key in tables[0]:
+        values = np.array([t[key] for t in tables])
+        row = {"mean": values.mean(), "std": values.std(ddof=1), "relative_std": values.std(ddof=1) / values.mean(),
+               "members": values.tolist()}
+        if truth is not None:
+            row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1)
+        emittances[key] = row
+
+    pooled = np.concatenate([m["particles"] for m in members])
+    ranges = {a: np.percentile(pooled[:, AXES.index(a)], [0.5, 99.5]) for a in axes}
+    marginals = {a: _spread(np.stack([np.histogram(m["particles"][:, AXES.index(a)], PROJECTION_BINS, ranges[a],
+                                                   density=True)[0] for m in members])) for a in axes}
+    pairs = list(itertools.combinations(axes, 2))
+    projections = {}
+    for a, b in pairs:
+        hists = [np.histogram2d(m["particles"][:, AXES.index(a)], m["particles"][:, AXES.index(b)], PROJECTION_BINS,
+                                [ranges[a], ranges[b]])[0] / len(m["particles"]) for m in members]
+        projections[f"{a}-{b}"] = _spread(np.stack(hists))
+    stacked_images = {name: np.stack([m["images"][name] for m in members]) for name in members[0]["images"]}
+    images = {name: _spread(stack) for name, stack in stacked_images.items()}
+    profiles = {name: {"x": _spread(stack.sum(-2)), "y": _spread(stack.sum(-1))} for name, stack in stacked_images.items()}
+    # spread of a projection: sum over bins of the members' std / sum of their mean (0: identical members)
+    projection_spread = {key: float(p["std"].sum() / p["mean"].sum()) for key, p in projections.items()}
+    summary = {"members": len(members), "emittances": emittances,
+               "projection_spread": projection_spread,
+               "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
+    (folder / "ensemble_emittances.json").write_text(json.dumps(summary, indent=2))
+    _write_projections(folder / "ensemble_projections.h5", ranges, marginals, projections, images)
+
+    truth_particles = scan.ground_truth
+    plot_ensemble_marginals(folder / "ensemble_marginals.png", ranges, marginals, truth_particles)
+    plot_ensemble_phase_space(folder / "ensemble_phase_space.png", ranges,
+                              {k: v for k, v in projections.items() if k in _PLOTTED_PAIRS})
+    for name, screen in scan.screens.items():
+        measured, taken = prepare_images(screen, name)
+        labels = [", ".join(f"{v:.3g}" for v in row) for row in scan.settings]
+        taken_profiles = {k: {f: v[f][taken] for f in v} for k, v in profiles[name].items()}
+        plot_ensemble_profiles(folder / f"ensemble_profiles_{name}.png", measured[taken], taken_profiles,
+                               [label for label, t in zip(labels, taken) if t], name)
+    return folder
+
+
+_PLOTTED_PAIRS = ("x-px", "y-py", "x-y", "z-pz", "x-z")
+
+
+def _write_projections(path: Path, ranges, marginals, projections, images) -> None:
+    """Mean and std arrays per projection, written to a temporary file and renamed (never half-written)."""
+    partial = path.with_name(f".{path.name}.tmp")
+    with h5py.File(partial, "w") as handle:
+        for group_name, table in (("marginals", marginals), ("projections", projections), ("images", images)):
+            group = handle.create_group(group_name)
+            for key, values in table.items():
+                sub = group.create_group(key)
+                sub["mean"], sub["std"] = values["mean"], values["std"]
+        bounds = handle.create_group("ranges")  # histogram ranges [m for x, y, z; 1 for px, py, pz]
+        for axis, (lo, hi) in ranges.items():
+            bounds[axis] = np.array([lo, hi])
+    partial.replace(path)

@@ -1,0 +1,109 @@
+"""Ensembles: members with different seeds, their mean and spread, and the spread shrinking when the
+scan has more settings (an under-determined 2-setting scan against a 7-setting one)."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from psr.cli import main
+from psr.ensemble import member_arguments, summarize_ensemble
+from psr.simulate import simulate
+from psr.synthetic import SyntheticBeam
+
+LATTICE = [
+    {"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
+    {"type": "Drift", "name": "D1", "length": 2.0},
+    {"type": "Screen", "name": "YAG", "resolution": [80, 80], "pixel_size": [1e-4, 1e-4]},
+]
+SCANS = {"few": [-5.0, 10.0], "many": list(np.linspace(-8.0, 16.0, 7))}
+
+
+@pytest.fixture(scope="module")
+def ensembles(tmp_path_factory):
+    """Three-member ensembles of MLP fits (600 steps, 3000 particles) of a 2-setting and a 7-setting scan."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    (folder / "lattice.yaml").write_text(yaml.safe_dump(LATTICE))
+    beam = SyntheticBeam(emittance_x=1.7e-8, beta_x=6.0, alpha_x=1.5, emittance_y=1.3e-8, beta_y=4.0, alpha_y=-1.0,
+                         nonlinear_xy=0.5)
+    summaries = {}
+    for tag, k1 in SCANS.items():
+        scan = simulate(str(folder / f"{tag}.h5"), str(folder / "lattice.yaml"), {"Q1.k1": k1}, p0c=60e6, beam=beam,
+                        n_particles=50_000, seed=2)
+        main(["ensemble", "--members", "3", "--name", tag, "--config", "configs/quad_scan_4d.yaml",
+              f"--data.path={scan}", "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=6",
+              "--model.generator.init_args.n_particles=3000", f"--trainer.logger.init_args.save_dir={folder}",
+              "--trainer.enable_progress_bar=false"])
+        summaries[tag] = folder / "quad_scan_4d" / tag
+    return summaries
+
+
+def test_ensemble_writes_members_summary_and_plots(ensembles):
+    folder = ensembles["many"]
+    for i in range(3):
+        assert (folder / f"member_{i}" / "beam.h5").exists()
+    summary = json.loads((folder / "ensemble_emittances.json").read_text())
+    row = summary["emittances"]["norm_emit_x"]
+    assert len(row["members"]) == 3 and len(set(row["members"])) == 3  # different seeds, different fits
+    assert row["mean"] == pytest.approx(np.mean(row["members"]))
+    assert row["std"] == pytest.approx(np.std(row["members"], ddof=1))
+    assert abs(row["mean_relative_error"]) < 0.1, row  # a determined scan: the members agree with the truth
+    with h5py.File(folder / "ensemble_projections.h5") as handle:
+        assert handle["images/YAG/mean"].shape == (7, 80, 80)
+        assert np.allclose(handle["images/YAG/mean"][...].sum((-1, -2)), 1.0, atol=1e-3)
+        assert set(handle["projections"]) >= {"x-px", "y-py", "x-y"}
+        assert (handle["projections/x-px/std"][...] >= 0).all()
+    for name in ("ensemble_marginals.png", "ensemble_phase_space.png", "ensemble_profiles_YAG.png"):
+        assert (folder / name).stat().st_size > 10_000, name
+
+
+def test_ensemble_spread_shrinks_with_more_settings(ensembles):
+    few, many = (json.loads((ensembles[t] / "ensemble_emittances.json").read_text()) for t in ("few", "many"))
+    print("\nrelative std of the emittances (few -> many settings):",
+          {k: (round(few["emittances"][k]["relative_std"], 4), round(many["emittances"][k]["relative_std"], 4))
+           for k in few["emittances"]},
+          "mean projection spread:", few["mean_projection_spread"], "->", many["mean_projection_spread"])
+    for key in ("norm_emit_x", "norm_emit_y"):
+        assert many["emittances"][key]["relative_std"] < 0.5 * few["emittances"][key]["relative_std"], key
+    assert many["mean_projection_spread"] < few["mean_projection_spread"]
+
+
+def test_summary_rejects_members_of_different_scans(ensembles, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ensembles["few"] / "member_0", mixed / "member_0")
+    shutil.copytree(ensembles["many"] / "member_1", mixed / "member_1")
+    with pytest.raises(ValueError, match="different scan files"):
+        summarize_ensemble([mixed / "member_0", mixed / "member_1"], mixed)
+    with pytest.raises(FileNotFoundError, match="beam.h5"):
+        (mixed / "member_1" / "beam.h5").unlink()
+        summarize_ensemble([mixed / "member_0", mixed / "member_1"], mixed)
+
+
+def test_member_arguments_set_both_seeds():
+    args = member_arguments(["--config", "c.yaml"], 7, "ens/member_2")
+    assert args[:3] == ["fit", "--config", "c.yaml"]
+    assert "--seed_everything=7" in args and "--model.generator.init_args.seed=7" in args
+    assert "--trainer.logger.init_args.version=ens/member_2" in args
+
+
+def test_ensemble_needs_two_members(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["ensemble", "--members", "1", "--config", "configs/quad_scan_4d.yaml"])
+    assert done.value.code == 2
+    assert "at least 2 members" in capsys.readouterr().err
+
+
+def test_members_in_parallel_processes(ensembles, tmp_path):
+    """--parallel 2: the first member runs in this process, the others as `psr fit` processes."""
+    scan = ensembles["few"].parent.parent / "few.h5"
+    main(["ensemble", "--members", "3", "--parallel", "2", "--name", "par", "--config", "configs/quad_scan_4d.yaml",
+          f"--data.path={scan}", "--data.val_every=0", "--data.steps_per_epoch=20", "--trainer.max_epochs=2",
+          "--model.generator.init_args.n_particles=1000", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.enable_progress_bar=false"])
+    summary = json.loads((tmp_path / "quad_scan_4d" / "par" / "ensemble_emittances.json").read_text())
+    assert summary["members"] == 3
+    assert len(set(summary["emittances"]["norm_emit_y"]["members"])) == 3
