@@ -15,6 +15,10 @@ from torch import nn
 from .generator import draw_base_samples
 
 
+COUPLINGS = ("spline", "affine")
+AFFINE_BOUND = 3.0  # largest shift and log-scale of one affine coupling layer (normalized units)
+
+
 def _normalization(n_dim: int, scale, covariance) -> torch.Tensor:
     """Lower-triangular L (n_dim, n_dim) with L L^T the covariance estimate (from `covariance`, or a
     diagonal from `scale`: one value or one per coordinate)."""
@@ -55,23 +59,32 @@ class NormalizingFlowBeam(nn.Module):
     the coupling networks. seed: the base samples. resample: in training mode draw fresh base
     samples at every call (MENT-Flow does: fixed samples let a maximum-entropy fit shape the particles
     to the pixel noise of the measured images, which lowers its entropy); evaluation mode always
-    uses the fixed samples.
+    uses the fixed samples. coupling: "spline" (rational-quadratic splines, the more flexible) or
+    "affine" (Real NVP shift and scale, bounded per layer by tanh; ~8x faster on a CPU, use more layers).
     """
 
     def __init__(self, n_particles: int = 10_000, n_dim: int = 6, n_layers: int = 6, hidden_width: int = 64,
                  num_blocks: int = 2, num_bins: int = 8, tail_bound: float = 4.0,
                  scale: float | Sequence[float] = 1e-3, covariance=None, mean: Sequence[float] | None = None,
-                 seed: int = 0, resample: bool = False):
+                 seed: int = 0, resample: bool = False, coupling: str = "spline"):
         super().__init__()
         if n_dim not in (2, 4, 6):
             raise ValueError(f"n_dim must be 2, 4 or 6, got {n_dim}")
         if n_particles < 2 or n_layers < 1:
             raise ValueError(f"n_particles must be >= 2 and n_layers >= 1, got {n_particles}, {n_layers}")
         self.n_dim, self.seed, self.resample = n_dim, seed, resample
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}; use one of {COUPLINGS}")
         layers = []
         for i in range(n_layers):
-            layers.append(nf.flows.CoupledRationalQuadraticSpline(
-                n_dim, num_blocks, hidden_width, num_bins=num_bins, tail_bound=tail_bound, reverse_mask=bool(i % 2)))
+            if coupling == "spline":
+                layers.append(nf.flows.CoupledRationalQuadraticSpline(
+                    n_dim, num_blocks, hidden_width, num_bins=num_bins, tail_bound=tail_bound, reverse_mask=bool(i % 2)))
+            else:
+                half = n_dim // 2
+                net = nf.nets.MLP([half] + [hidden_width] * (num_blocks + 1) + [2 * (n_dim - half)], leaky=0.01,
+                                  output_fn="tanh", output_scale=AFFINE_BOUND, init_zeros=True)
+                layers += [nf.flows.AffineCouplingBlock(net, scale_map="exp"), nf.flows.Permute(n_dim, mode="swap")]
             layers.append(nf.flows.LULinearPermute(n_dim))
         self.flows = nn.ModuleList(layers)
         self.register_buffer("cholesky", _normalization(n_dim, scale, covariance))

@@ -19,7 +19,7 @@ def run_in_process(capsys, *args):
     return exit_info.value.code or 0, out.out, out.err
 
 
-@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["simulate", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["simulate", "--help"], ["ensemble", "--help"]])
 def test_help(capsys, args):
     code, out, err = run_in_process(capsys, *args)
     assert code == 0, err

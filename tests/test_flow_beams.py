@@ -66,14 +66,16 @@ def test_flow_fitted_to_a_gaussian_estimates_its_entropy():
     assert abs(estimate - exact) < 0.02 * abs(normalized), (estimate, exact, normalized)
 
 
-def test_flow_log_density_is_a_normalized_density_of_its_samples():
+@pytest.mark.parametrize("coupling", ["spline", "affine"])
+def test_flow_log_density_is_a_normalized_density_of_its_samples(coupling):
     """The density the flow reports integrates to 1 (importance check against a wide Gaussian) and its
     inverse maps samples back (log_density(x) equals the density reported while sampling)."""
     torch.manual_seed(1)
-    flow = NormalizingFlowBeam(n_particles=4000, n_dim=2, n_layers=2, hidden_width=16, scale=[1e-3, 1e-4])
+    flow = NormalizingFlowBeam(n_particles=4000, n_dim=2, n_layers=2, hidden_width=16, scale=[1e-3, 1e-4],
+                               coupling=coupling)
     with torch.no_grad():
         for p in flow.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # a non-Gaussian flow
+            p.add_((0.3 if coupling == "spline" else 0.15) * torch.randn_like(p))  # a non-Gaussian flow
         x, log_density = flow.sample_with_log_density()
         torch.testing.assert_close(flow.log_density(x), log_density, rtol=1e-4, atol=1e-3)
         wide = torch.distributions.Normal(torch.zeros(2), torch.tensor([4e-3, 4e-4]))
@@ -101,3 +103,13 @@ def test_bad_flow_settings():
         NormalizingFlowBeam(n_dim=2, covariance=[[1.0, 2.0], [2.0, 1.0]])
     with pytest.raises(ValueError, match="scale must be one positive value or 4"):
         NormalizingFlowBeam(n_dim=4, scale=[1e-3, 1e-3])
+    with pytest.raises(ValueError, match="unknown coupling"):
+        NormalizingFlowBeam(n_dim=4, coupling="glow")
+
+
+def test_resampling_flow_draws_fresh_particles_only_in_training():
+    flow = NormalizingFlowBeam(n_particles=500, n_dim=4, n_layers=1, hidden_width=8, resample=True, coupling="affine")
+    first, second = flow(), flow()
+    assert first.shape == (500, 6) and not torch.equal(first, second)
+    flow.eval()
+    torch.testing.assert_close(flow(), flow())

@@ -69,7 +69,6 @@ def fit(scan, tmp_path, name, extra):
     cli = fit_cli([
         "fit", "--config", "configs/quad_scan_4d_maxent.yaml", f"--data.path={scan}", "--data.val_every=0",
         "--data.steps_per_epoch=100", "--trainer.max_epochs=8", "--model.generator.init_args.n_particles=4000",
-        "--model.generator.init_args.n_layers=3", "--model.generator.init_args.hidden_width=16",
         "--model.generator.init_args.scale=[3e-4,1e-4,3e-4,1e-4]", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.logger.init_args.name={name}", "--trainer.enable_progress_bar=false", *extra])
     model, data = cli.model, cli.datamodule
