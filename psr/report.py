@@ -9,6 +9,7 @@ import torch
 
 import sim
 
+from .entropy import knn_entropy
 from .openpmd import write_openpmd
 from .plots import plot_images, plot_loss, plot_phase_space
 
@@ -43,8 +44,28 @@ def format_emittances(rows: dict) -> str:
     for key, row in rows.items():
         true = f"{row['true']:12.4e}" if "true" in row else f"{'-':>12s}"
         err = f"{100 * row['relative_error']:+7.2f}%" if "relative_error" in row else f"{'-':>8s}"
+        if "difference_nats" in row:
+            err = f"{row['difference_nats']:+5.2f}nat"
         lines.append(f"{key:16s} {row['reconstructed']:14.4e} {true} {err}")
     return "\n".join(lines)
+
+
+ENTROPY_PARTICLES = 10_000  # particles of the kNN entropy estimates (O(N^2))
+
+
+def entropy_row(model, particles: np.ndarray, truth: np.ndarray | None, planes) -> dict:
+    """Entropy [nats, Bmad units] of the reconstructed beam's fitted coordinates: from the generator's
+    own log-density where it has one (flows, Gaussian), else the kNN estimate; the truth's by kNN."""
+    n_dim = 2 * len(planes)
+    if hasattr(model.generator, "sample_with_log_density"):
+        _, log_density = model.generator.sample_with_log_density()
+        row = {"reconstructed": -log_density.mean().item()}
+    else:
+        row = {"reconstructed": knn_entropy(torch.as_tensor(particles[:ENTROPY_PARTICLES, :n_dim]))}
+    if truth is not None:
+        row["true"] = knn_entropy(torch.as_tensor(truth[:ENTROPY_PARTICLES, :n_dim]))
+        row["difference_nats"] = row["reconstructed"] - row["true"]
+    return row
 
 
 def write_predicted_images(path: Path, images: dict[str, np.ndarray]) -> None:
@@ -75,8 +96,7 @@ def write_report(model, datamodule, run_dir) -> dict:
     if scan.ground_truth is not None:
         truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes)
     rows = compare_emittances(recon, truth)
-    if hasattr(model.generator, "sample_with_log_density"):  # a beam with a density: its entropy estimate
-        rows["entropy_nats"] = {"reconstructed": model.relative_entropy()[1].item()}
+    rows["entropy_nats"] = entropy_row(model, particles, scan.ground_truth, planes)
     (run_dir / "emittances.json").write_text(json.dumps(rows, indent=2))
 
     settings = datamodule.settings.to(model.device)

@@ -113,3 +113,25 @@ def test_resampling_flow_draws_fresh_particles_only_in_training():
     assert first.shape == (500, 6) and not torch.equal(first, second)
     flow.eval()
     torch.testing.assert_close(flow(), flow())
+
+
+@pytest.mark.parametrize("n_dim", [2, 4, 6])
+def test_knn_entropy_matches_the_closed_form(n_dim):
+    """The sample-only (Kozachenko-Leonenko) estimate used for generators without a density: within
+    2 % of the entropy in units of the beam size, for correlated Gaussians of 20k particles."""
+    from psr.entropy import knn_entropy
+
+    covariance = random_covariance(n_dim, seed=10 + n_dim)
+    samples = torch.distributions.MultivariateNormal(torch.zeros(n_dim, dtype=torch.float64), covariance).sample((20_000,))
+    exact = gaussian_entropy(covariance)
+    normalized = exact - 0.5 * torch.logdet(covariance).item()
+    assert abs(knn_entropy(samples) - exact) < 0.02 * normalized
+
+
+def test_knn_entropy_rejects_bad_particles():
+    from psr.entropy import knn_entropy
+
+    with pytest.raises(ValueError, match="NaN"):
+        knn_entropy(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]] * 5))
+    with pytest.raises(ValueError, match="singular"):
+        knn_entropy(torch.cat([torch.randn(100, 1), torch.zeros(100, 1)], 1))

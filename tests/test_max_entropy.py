@@ -17,6 +17,7 @@ import yaml
 
 import sim
 from psr.callbacks import PenaltySchedule
+from psr.entropy import knn_entropy
 from psr.cli import fit_cli
 from psr.reconstruction import PhaseSpaceReconstruction
 from psr.simulate import simulate
@@ -96,6 +97,20 @@ def test_max_entropy_fit_reaches_the_known_maximum(two_setting_scan, tmp_path):
     # the max-ent beam has the larger entropy, most of the way from the truth to the known maximum
     assert h_maxent > h_plain, (h_maxent, h_plain)
     assert h_true + 0.7 * (h_max - h_true) < h_maxent < h_max + 0.1, (h_true, h_max, h_maxent)
+    # the GPSR-style MLP generator's plain fit (no density: the kNN estimate), and the kNN estimate of
+    # the max-ent beam's own particles agreeing with its log-density estimate
+    mlp = fit_cli(["fit", "--config", "configs/quad_scan_4d.yaml", f"--data.path={two_setting_scan}",
+                   "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=6",
+                   "--model.generator.init_args.n_particles=10000", "--model.generator.init_args.scale=[3e-4,1e-4,3e-4,1e-4]",
+                   f"--trainer.logger.init_args.save_dir={tmp_path}",
+                   "--trainer.enable_progress_bar=false"])
+    h_mlp = knn_entropy(mlp.model.generator().detach()[:, :4])
+    cli.model.eval()
+    with torch.no_grad():
+        h_maxent_knn = knn_entropy(cli.model.generator(20_000)[:, :4])
+    print(f"MLP plain fit (kNN) {h_mlp:.3f}; max-ent fit by kNN {h_maxent_knn:.3f}")
+    assert abs(h_maxent_knn - h_maxent) < 0.1, (h_maxent_knn, h_maxent)
+    assert h_maxent > h_mlp, (h_maxent, h_mlp)
     schedule = next(c for c in cli.trainer.callbacks if isinstance(c, PenaltySchedule))
     penalties = [stage["penalty"] for stage in schedule.stages]
     assert penalties == sorted(penalties) and len(penalties) >= 1
