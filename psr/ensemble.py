@@ -58,7 +58,7 @@ def run_ensemble(fit_args: list[str], members: int, first_seed: int = 0, paralle
             fit_cli(member_arguments(fit_args, seed, version))
     else:
         _run_processes(fit_args, rest, parallel, gpus)
-    return summarize_ensemble(sorted(folder.glob("member_*"), key=lambda p: int(p.name.split("_")[1])), folder)
+    return summarize_ensemble([folder / f"member_{i}" for i in range(members)], folder)
 
 
 def _run_processes(fit_args, jobs, parallel: int, gpus: int) -> None:
