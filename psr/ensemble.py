@@ -148,7 +148,9 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
     summary = {"members": len(members), "emittances": emittances,
                "projection_spread": projection_spread,
                "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
-    (folder / "ensemble_emittances.json").write_text(json.dumps(summary, indent=2))
+    partial = folder / ".ensemble_emittances.json.tmp"
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(folder / "ensemble_emittances.json")
     _write_projections(folder / "ensemble_projections.h5", ranges, marginals, projections, images)
 
     truth_particles = scan.ground_truth
