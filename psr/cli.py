@@ -96,6 +96,8 @@ def ensemble_cli(args: list[str]) -> None:
     print("relative spread (std / mean): " + ", ".join(
         f"{key} {100 * row['relative_std']:.2f} %" for key, row in summary["emittances"].items()))
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
+    if summary.get("entropy_nats"):
+        print(f"entropy: {summary['entropy_nats']['mean']:.3f} +- {summary['entropy_nats']['std']:.3f} nats")
     print(f"ensemble folder: {folder}")
 
 

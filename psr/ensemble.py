@@ -99,8 +99,10 @@ def _member_data(folder: Path) -> dict:
     config = yaml.safe_load((folder / "config.yaml").read_text())
     with h5py.File(folder / "predicted_images.h5", "r") as handle:
         images = {name: handle[name][...] for name in handle}
+    report = json.loads((folder / "emittances.json").read_text()) if (folder / "emittances.json").exists() else {}
     return {"path": config["data"]["path"], "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
-            "particles": read_openpmd(folder / "beam.h5").particles, "images": images}
+            "particles": read_openpmd(folder / "beam.h5").particles, "images": images,
+            "entropy": report.get("entropy_nats", {}).get("reconstructed")}
 
 
 def _spread(stack: np.ndarray) -> dict:
@@ -145,7 +147,10 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
     profiles = {name: {"x": _spread(stack.sum(-2)), "y": _spread(stack.sum(-1))} for name, stack in stacked_images.items()}
     # spread of a projection: sum over bins of the members' std / sum of their mean (0: identical members)
     projection_spread = {key: float(p["std"].sum() / p["mean"].sum()) for key, p in projections.items()}
+    entropies = [m["entropy"] for m in members if m["entropy"] is not None]
     summary = {"members": len(members), "emittances": emittances,
+               "entropy_nats": {"mean": float(np.mean(entropies)), "std": float(np.std(entropies, ddof=1)),
+                                "members": entropies} if len(entropies) == len(members) else None,
                "projection_spread": projection_spread,
                "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
     partial = folder / ".ensemble_emittances.json.tmp"

@@ -50,6 +50,8 @@ def test_ensemble_writes_members_summary_and_plots(ensembles):
     assert row["mean"] == pytest.approx(np.mean(row["members"]))
     assert row["std"] == pytest.approx(np.std(row["members"], ddof=1))
     assert abs(row["mean_relative_error"]) < 0.1, row  # a determined scan: the members agree with the truth
+    entropy = summary["entropy_nats"]
+    assert len(entropy["members"]) == 3 and entropy["std"] < 0.5, entropy
     with h5py.File(folder / "ensemble_projections.h5") as handle:
         assert handle["images/YAG/mean"].shape == (7, 80, 80)
         assert np.allclose(handle["images/YAG/mean"][...].sum((-1, -2)), 1.0, atol=1e-3)
