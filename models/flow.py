@@ -12,7 +12,7 @@ import normflows as nf
 import torch
 from torch import nn
 
-from .generator import draw_base_samples
+from .generator import draw_base_samples, per_coordinate_scale
 
 
 COUPLINGS = ("spline", "affine")
@@ -30,12 +30,7 @@ def _normalization(n_dim: int, scale, covariance) -> torch.Tensor:
             return torch.linalg.cholesky(covariance).float()
         except RuntimeError:
             raise ValueError("covariance must be symmetric positive definite") from None
-    scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
-    if scale.numel() == 1:
-        scale = scale.expand(n_dim)
-    if scale.numel() != n_dim or not (scale > 0).all():
-        raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
-    return torch.diag(scale)
+    return torch.diag(per_coordinate_scale(scale, n_dim))
 
 
 def _standard_normal_log_density(z: torch.Tensor) -> torch.Tensor:
@@ -142,7 +137,7 @@ class GaussianBeam(nn.Module):
         if n_dim not in (2, 4, 6):
             raise ValueError(f"n_dim must be 2, 4 or 6, got {n_dim}")
         self.n_dim, self.seed = n_dim, seed
-        scale = torch.diagonal(_normalization(n_dim, scale, None))
+        scale = per_coordinate_scale(scale, n_dim)
         self.mean = nn.Parameter(torch.zeros(n_dim))
         self.log_diagonal = nn.Parameter(torch.log(scale))
         self.lower = nn.Parameter(torch.zeros(n_dim, n_dim))  # strictly lower part, in units of the scale

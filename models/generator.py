@@ -13,6 +13,16 @@ def draw_base_samples(n: int, n_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(n, n_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def per_coordinate_scale(scale, n_dim: int) -> torch.Tensor:
+    """(n_dim,) positive sizes [m for positions, 1 for momenta] from one value or one per coordinate."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
+    if scale.numel() == 1:
+        scale = scale.expand(n_dim).clone()
+    if scale.numel() != n_dim or not (scale > 0).all():
+        raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
+    return scale
+
+
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
@@ -46,11 +56,7 @@ class MLPBeamGenerator(nn.Module):
             raise ValueError(f"n_particles must be at least 2, got {n_particles}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
-        scale = torch.as_tensor(scale, dtype=torch.float32).flatten()
-        if scale.numel() == 1:
-            scale = scale.expand(n_dim).clone()
-        if scale.numel() != n_dim or not (scale > 0).all():
-            raise ValueError(f"scale must be one positive value or {n_dim} of them, got {scale.tolist()}")
+        scale = per_coordinate_scale(scale, n_dim)
         if longitudinal is not None:
             if n_dim != 4:
                 raise ValueError("longitudinal (sigma_z, sigma_pz) is for n_dim 4; with n_dim 6 z and pz are reconstructed")

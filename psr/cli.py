@@ -104,7 +104,7 @@ def ensemble_cli(args: list[str]) -> None:
 def main(argv=None) -> None:
     """Entry point. Bad input (files, settings, parameters) ends with one error line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("simulate", "ensemble") else (argv[0] if argv else "")
+    command = argv[0] if argv else ""
     try:
         if command == "simulate":
             simulate_cli(argv[1:])

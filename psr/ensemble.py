@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .datamodule import prepare_images
-from .openpmd import read_openpmd
+from .openpmd import atomic_target, read_openpmd
 from .plots import plot_ensemble_marginals, plot_ensemble_phase_space, plot_ensemble_profiles
 from .report import PLANES_4D, PLANES_6D, emittance_table
 from .scanfile import read_scan
@@ -153,9 +153,8 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
                                 "members": entropies} if len(entropies) == len(members) else None,
                "projection_spread": projection_spread,
                "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
-    partial = folder / ".ensemble_emittances.json.tmp"
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(folder / "ensemble_emittances.json")
+    with atomic_target(folder / "ensemble_emittances.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     _write_projections(folder / "ensemble_projections.h5", ranges, marginals, projections, images)
 
     truth_particles = scan.ground_truth
@@ -176,8 +175,7 @@ _PLOTTED_PAIRS = ("x-px", "y-py", "x-y", "z-pz", "x-z")
 
 def _write_projections(path: Path, ranges, marginals, projections, images) -> None:
     """Mean and std arrays per projection, written to a temporary file and renamed (never half-written)."""
-    partial = path.with_name(f".{path.name}.tmp")
-    with h5py.File(partial, "w") as handle:
+    with atomic_target(path) as tmp, h5py.File(tmp, "w-") as handle:
         for group_name, table in (("marginals", marginals), ("projections", projections), ("images", images)):
             group = handle.create_group(group_name)
             for key, values in table.items():
@@ -186,4 +184,3 @@ def _write_projections(path: Path, ranges, marginals, projections, images) -> No
         bounds = handle.create_group("ranges")  # histogram ranges [m for x, y, z; 1 for px, py, pz]
         for axis, (lo, hi) in ranges.items():
             bounds[axis] = np.array([lo, hi])
-    partial.replace(path)

@@ -10,6 +10,8 @@ z = -beta c (t - t_ref) [m], pz = (P - P0)/P0, with reference momentum p0c [eV].
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,6 +130,20 @@ def _temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+@contextmanager
+def atomic_target(path) -> Iterator[Path]:
+    """A temporary file next to `path` to write to: renamed over `path` when the block ends, removed
+    when it raises, so a failure never leaves a partial file."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_openpmd(target, particles, p0c: float, species: str = "electron", charge: float = 0.0) -> None:
     """Write Bmad particles (N, 6) (numpy or torch) as openPMD-beamphysics data.
 
@@ -148,14 +164,8 @@ def write_openpmd(target, particles, p0c: float, species: str = "electron", char
         return
     path = Path(os.path.expandvars(os.fspath(target)))
     check_particles(particles)  # fail before touching the file system
-    tmp = _temporary_sibling(path)
-    try:
-        with h5py.File(tmp, "w-") as handle:
-            write_openpmd(handle, particles, p0c, species, charge)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, h5py.File(tmp, "w-") as handle:
+        write_openpmd(handle, particles, p0c, species, charge)
 
 
 # ---------------------------------------------------------------------------------------- reading

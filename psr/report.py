@@ -10,7 +10,7 @@ import torch
 import sim
 
 from .entropy import knn_entropy
-from .openpmd import write_openpmd
+from .openpmd import atomic_target, write_openpmd
 from .plots import plot_images, plot_loss, plot_phase_space
 
 PLANES_4D = ("x", "y")
@@ -71,11 +71,9 @@ def entropy_row(model, particles: np.ndarray, truth: np.ndarray | None, planes) 
 def write_predicted_images(path: Path, images: dict[str, np.ndarray]) -> None:
     """The reconstruction's unit-sum images (K, H, W) at every setting, one dataset per screen (written
     to a temporary file and renamed, so never half-written)."""
-    partial = path.with_name(f".{path.name}.tmp")
-    with h5py.File(partial, "w") as handle:
+    with atomic_target(path) as tmp, h5py.File(tmp, "w-") as handle:
         for name, stack in images.items():
             handle.create_dataset(name, data=stack, compression="gzip")
-    partial.replace(path)
 
 
 @torch.no_grad()

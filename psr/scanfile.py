@@ -9,7 +9,6 @@ Layout:
     /ground_truth            optional openPMD-beamphysics bunch: /ground_truth/<species>/...
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import yaml
 import sim
 from sim.lattice import load_lattice_text
 
-from .openpmd import _temporary_sibling, check_particles, read_openpmd, write_bunch
+from .openpmd import atomic_target, check_particles, read_openpmd, write_bunch
 
 FORMAT, VERSION = "scan", 1
 
@@ -309,31 +308,25 @@ def write_scan(path, scan: ScanData) -> Path:
     """
     path = Path(path)
     validate_scan(scan, str(path))
-    tmp = _temporary_sibling(path)
-    try:
-        with h5py.File(tmp, "w-") as handle:
-            handle.attrs["psr_format"] = FORMAT
-            handle.attrs["psr_version"] = VERSION
-            handle.attrs["p0c"] = float(scan.p0c)
-            handle.attrs["species"] = sim.get_species(scan.species).name
-            handle.attrs["charge"] = float(scan.charge)
-            handle.create_group("lattice").attrs["yaml"] = scan.lattice_yaml
-            settings = handle.create_dataset("settings", data=np.asarray(scan.settings, dtype=np.float64))
-            settings.attrs["names"] = np.array([str(n) for n in scan.setting_names], dtype=h5py.string_dtype())
-            screens = handle.create_group("screens")
-            for name, screen in scan.screens.items():
-                group = screens.create_group(name)
-                group.create_dataset("images", data=np.asarray(screen.images, dtype=np.float32),
-                                     compression="gzip", compression_opts=4, shuffle=True)
-                group.attrs["pixel_size"] = np.asarray(screen.pixel_size, dtype=np.float64).reshape(2)
-                group.attrs["center"] = np.asarray(screen.center, dtype=np.float64).reshape(2)
-                for key in ("background", "mask"):
-                    if getattr(screen, key) is not None:
-                        group.create_dataset(key, data=np.asarray(getattr(screen, key), dtype=np.float32))
-            if scan.ground_truth is not None:
-                write_bunch(handle.create_group("ground_truth"), scan.ground_truth, scan.p0c, scan.species, scan.charge)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, h5py.File(tmp, "w-") as handle:
+        handle.attrs["psr_format"] = FORMAT
+        handle.attrs["psr_version"] = VERSION
+        handle.attrs["p0c"] = float(scan.p0c)
+        handle.attrs["species"] = sim.get_species(scan.species).name
+        handle.attrs["charge"] = float(scan.charge)
+        handle.create_group("lattice").attrs["yaml"] = scan.lattice_yaml
+        settings = handle.create_dataset("settings", data=np.asarray(scan.settings, dtype=np.float64))
+        settings.attrs["names"] = np.array([str(n) for n in scan.setting_names], dtype=h5py.string_dtype())
+        screens = handle.create_group("screens")
+        for name, screen in scan.screens.items():
+            group = screens.create_group(name)
+            group.create_dataset("images", data=np.asarray(screen.images, dtype=np.float32),
+                                 compression="gzip", compression_opts=4, shuffle=True)
+            group.attrs["pixel_size"] = np.asarray(screen.pixel_size, dtype=np.float64).reshape(2)
+            group.attrs["center"] = np.asarray(screen.center, dtype=np.float64).reshape(2)
+            for key in ("background", "mask"):
+                if getattr(screen, key) is not None:
+                    group.create_dataset(key, data=np.asarray(getattr(screen, key), dtype=np.float32))
+        if scan.ground_truth is not None:
+            write_bunch(handle.create_group("ground_truth"), scan.ground_truth, scan.p0c, scan.species, scan.charge)
     return path

@@ -53,14 +53,17 @@ def test_cuda_float32_close_to_float64():
         assert (images32[name].double() - images64[name]).abs().sum() < 1e-3
 
 
-def test_fit_runs_on_gpu(tmp_path):
-    cli = fit_cli(args=[
-        "fit", "--config", "configs/gpsr_6d.yaml", "--trainer.accelerator=gpu", "--data.steps_per_epoch=20",
-        "--trainer.max_epochs=15", "--model.generator.init_args.n_particles=20000",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-    ])
+def fit_on_gpu(tmp_path, config: str, *overrides: str) -> dict:
+    """`psr fit` of `config` on the GPU; the emittances.json rows."""
+    cli = fit_cli(args=["fit", "--config", config, "--trainer.accelerator=gpu", *overrides,
+                        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     assert cli.trainer.strategy.root_device.type == "cuda"
-    rows = json.loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
+    return json.loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
+
+
+def test_fit_runs_on_gpu(tmp_path):
+    rows = fit_on_gpu(tmp_path, "configs/gpsr_6d.yaml", "--data.steps_per_epoch=20", "--trainer.max_epochs=15",
+                      "--model.generator.init_args.n_particles=20000")
     for plane in ("x", "y", "z"):  # 300 steps: far from converged, but the beam is on its way
         assert abs(rows[f"norm_emit_{plane}"]["relative_error"]) < 0.5, rows
 
@@ -100,12 +103,7 @@ def test_flow_beam_on_cuda_matches_cpu():
 
 
 def test_max_entropy_fit_runs_on_gpu(tmp_path):
-    cli = fit_cli(args=[
-        "fit", "--config", "configs/quad_scan_4d_maxent.yaml", "--trainer.accelerator=gpu", "--data.steps_per_epoch=50",
-        "--trainer.max_epochs=4", "--trainer.callbacks.init_args.steps_per_stage=50",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-    ])
-    assert cli.trainer.strategy.root_device.type == "cuda"
-    rows = json.loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
+    rows = fit_on_gpu(tmp_path, "configs/quad_scan_4d_maxent.yaml", "--data.steps_per_epoch=50", "--trainer.max_epochs=4",
+                      "--trainer.callbacks.init_args.steps_per_stage=50")
     assert torch.isfinite(torch.tensor(rows["entropy_nats"]["reconstructed"]))
     assert abs(rows["norm_emit_x"]["relative_error"]) < 0.5, rows
