@@ -15,6 +15,7 @@ because R_D(x, y, z) = 3/2 int_0^inf dt (t+x)^-1/2 (t+y)^-1/2 (t+z)^-3/2.
 """
 
 import numpy as np
+from scipy.constants import c as C_LIGHT  # noqa: F401 (used by test_space_charge_analytic)
 from scipy.constants import epsilon_0
 from scipy.integrate import solve_ivp
 from scipy.optimize import brentq
