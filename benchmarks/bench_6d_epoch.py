@@ -36,9 +36,9 @@ import gpsr6d_peer as peer  # noqa: E402
 
 import sim  # noqa: E402
 from models import MLPBeamGenerator  # noqa: E402
-from psr.datamodule import ScanDataModule  # noqa: E402
-from psr.reconstruction import PhaseSpaceReconstruction  # noqa: E402
-from psr.scanfile import ScanData, ScreenData, write_scan  # noqa: E402
+from psr.data.datamodule import ScanDataModule  # noqa: E402
+from psr.training.reconstruction import PhaseSpaceReconstruction  # noqa: E402
+from psr.data.scanfile import ScanData, ScreenData, write_scan  # noqa: E402
 
 SETTING_NAMES = ["Q_SCAN.k1", "TDC.voltage", "B1.angle", "B1.length", "B1.e2", "D3.length"]
 

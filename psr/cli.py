@@ -7,8 +7,8 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
-from .datamodule import ScanDataModule
-from .reconstruction import PhaseSpaceReconstruction
+from psr.data.datamodule import ScanDataModule
+from psr.training.reconstruction import PhaseSpaceReconstruction
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -26,7 +26,7 @@ class PsrCLI(LightningCLI):
         self._fit_started = time.perf_counter()
 
     def after_fit(self):
-        from .report import format_emittances, write_report
+        from psr.outputs.report import format_emittances, write_report
 
         elapsed = time.perf_counter() - self._fit_started
         run_dir = self.trainer.log_dir or "."
@@ -55,7 +55,7 @@ def fit_cli(args=None, run=True) -> PsrCLI:
 def simulate_cli(args) -> None:
     from jsonargparse import CLI
 
-    from .simulate import simulate
+    from psr.data.simulate import simulate
 
     path = CLI(simulate, args=args, prog="psr simulate", as_positional=False)
     print(f"wrote {path}")
@@ -74,8 +74,9 @@ Example: psr ensemble --members 5 --config configs/quad_scan_4d.yaml --trainer.m
 def ensemble_cli(args: list[str]) -> None:
     import argparse
 
-    from .ensemble import run_ensemble
-    from .report import format_emittances
+    from psr.outputs.ensemble_summary import summarize_ensemble
+    from psr.outputs.report import format_emittances
+    from psr.training.ensemble import run_ensemble
 
     parser = argparse.ArgumentParser(prog="psr ensemble", usage=ENSEMBLE_USAGE, add_help=False)
     parser.add_argument("--members", type=int, default=5)
@@ -86,7 +87,8 @@ def ensemble_cli(args: list[str]) -> None:
         print(ENSEMBLE_USAGE)
         raise SystemExit(0)
     options, fit_args = parser.parse_known_args(args)
-    folder = run_ensemble(fit_args, options.members, options.first_seed, options.parallel, options.name)
+    member_dirs = run_ensemble(fit_cli, fit_args, options.members, options.first_seed, options.parallel, options.name)
+    folder = summarize_ensemble(member_dirs, member_dirs[0].parent)
     summary = json.loads((folder / "ensemble_emittances.json").read_text())
     rows = {key: {"reconstructed": row["mean"], **({"true": row["true"], "relative_error": row["mean_relative_error"]}
                                                    if "true" in row else {})}

@@ -45,7 +45,7 @@ def test_simulate_rejects_unequal_setting_lists(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", f"--output={tmp_path / 'x.h5'}", f"--lattice={lattice}", "--p0c=1e7",
               "--settings", '{"Q1.k1": [1, 2], "Q1.tilt": [0]}',
-              "--beam=psr.synthetic.SyntheticBeam"])
+              "--beam=psr.data.synthetic.SyntheticBeam"])
     assert exit_info.value.code == 2
     assert "different lengths" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()

@@ -10,7 +10,7 @@ import torch
 
 import sim
 from psr.cli import fit_cli
-from psr.synthetic import SyntheticBeam
+from psr.data.synthetic import SyntheticBeam
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

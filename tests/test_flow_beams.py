@@ -119,7 +119,7 @@ def test_resampling_flow_draws_fresh_particles_only_in_training():
 def test_knn_entropy_matches_the_closed_form(n_dim):
     """The sample-only (Kozachenko-Leonenko) estimate used for generators without a density: within
     2 % of the entropy in units of the beam size, for correlated Gaussians of 20k particles."""
-    from psr.entropy import knn_entropy
+    from psr.outputs.entropy import knn_entropy
 
     covariance = random_covariance(n_dim, seed=10 + n_dim)
     samples = torch.distributions.MultivariateNormal(torch.zeros(n_dim, dtype=torch.float64), covariance).sample((20_000,))
@@ -129,7 +129,7 @@ def test_knn_entropy_matches_the_closed_form(n_dim):
 
 
 def test_knn_entropy_rejects_bad_particles():
-    from psr.entropy import knn_entropy
+    from psr.outputs.entropy import knn_entropy
 
     with pytest.raises(ValueError, match="NaN"):
         knn_entropy(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]] * 5))

@@ -16,12 +16,12 @@ import torch
 import yaml
 
 import sim
-from psr.callbacks import PenaltySchedule
-from psr.entropy import knn_entropy
+from psr.training.callbacks import PenaltySchedule
+from psr.outputs.entropy import knn_entropy
 from psr.cli import fit_cli
-from psr.reconstruction import PhaseSpaceReconstruction
-from psr.simulate import simulate
-from psr.synthetic import SyntheticBeam
+from psr.training.reconstruction import PhaseSpaceReconstruction
+from psr.data.simulate import simulate
+from psr.data.synthetic import SyntheticBeam
 from models import GaussianBeam, MLPBeamGenerator, NormalizingFlowBeam
 
 P0C = 60e6

@@ -1,4 +1,4 @@
-"""openPMD-beamphysics particle I/O (psr.openpmd): layout, Bmad conversion, interoperability with beamphysics."""
+"""openPMD-beamphysics particle I/O (psr.data.openpmd): layout, Bmad conversion, interoperability with beamphysics."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sim
-from psr.openpmd import read_openpmd, write_openpmd
+from psr.data.openpmd import read_openpmd, write_openpmd
 
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # beamphysics import (matplotlib)
 

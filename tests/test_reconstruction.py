@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from psr.cli import fit_cli
-from psr.scanfile import read_scan
-from psr.simulate import simulate
-from psr.synthetic import SyntheticBeam
+from psr.data.scanfile import read_scan
+from psr.data.simulate import simulate
+from psr.data.synthetic import SyntheticBeam
 
 LATTICE = [
     {"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
@@ -62,8 +62,8 @@ def test_fit_recovers_emittances(small_scan, tmp_path):
 
 
 def test_beam_past_the_screen_edge_warns():
-    from psr.datamodule import prepare_images
-    from psr.scanfile import ScreenData
+    from psr.data.datamodule import prepare_images
+    from psr.data.scanfile import ScreenData
 
     images = np.zeros((2, 20, 20), dtype=np.float32)
     images[:, 8:12, 8:12] = 1.0
@@ -74,8 +74,8 @@ def test_beam_past_the_screen_edge_warns():
 
 
 def test_shots_are_averaged_and_missing_shots_ignored():
-    from psr.datamodule import prepare_images
-    from psr.scanfile import ScreenData
+    from psr.data.datamodule import prepare_images
+    from psr.data.scanfile import ScreenData
 
     images = np.zeros((3, 2, 10, 10), dtype=np.float32)
     images[:, 0, 4, 4] = 1.0
@@ -90,7 +90,7 @@ def test_shots_are_averaged_and_missing_shots_ignored():
 
 
 def test_simulate_from_an_openpmd_beam_file(tmp_path):
-    from psr.openpmd import write_openpmd
+    from psr.data.openpmd import write_openpmd
 
     truth = SyntheticBeam(emittance_x=2e-8, beta_x=3.0, emittance_y=1e-8, beta_y=2.0).sample(3000, seed=5).numpy()
     write_openpmd(tmp_path / "truth.h5", truth, p0c=60e6, charge=1e-10)

@@ -10,10 +10,10 @@ import yaml
 
 import sim
 from psr.cli import fit_cli
-from psr.reconstruction import PhaseSpaceReconstruction
-from psr.scanfile import read_scan
-from psr.simulate import simulate
-from psr.synthetic import SyntheticBeam
+from psr.training.reconstruction import PhaseSpaceReconstruction
+from psr.data.scanfile import read_scan
+from psr.data.simulate import simulate
+from psr.data.synthetic import SyntheticBeam
 
 ANGLE = 0.349066
 P0C = 43e6

@@ -9,10 +9,10 @@ import yaml
 import sim
 from models import MLPBeamGenerator
 from psr.cli import fit_cli
-from psr.reconstruction import PhaseSpaceReconstruction
-from psr.scanfile import read_scan
-from psr.simulate import simulate
-from psr.synthetic import SyntheticBeam
+from psr.training.reconstruction import PhaseSpaceReconstruction
+from psr.data.scanfile import read_scan
+from psr.data.simulate import simulate
+from psr.data.synthetic import SyntheticBeam
 
 SHIPPED = yaml.safe_load(open("data/sc_quad_scan.simulate.yaml"))
 TRUTH = SyntheticBeam(**SHIPPED["beam"]["init_args"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-import psr.scanfile
+import psr.data.scanfile
 import sim
-from psr.scanfile import ScanData, ScanFileError, ScreenData, read_scan, validate_scan, write_scan
+from psr.data.scanfile import ScanData, ScanFileError, ScreenData, read_scan, validate_scan, write_scan
 
 SHARED_EXAMPLE = Path(__file__).parents[2] / "shared/data/gpsr_example_4d.h5"
 K = 5
@@ -262,7 +262,7 @@ def test_failure_while_writing_leaves_nothing_and_keeps_old_file(tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(psr.scanfile, "write_bunch", broken)
+    monkeypatch.setattr(psr.data.scanfile, "write_bunch", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         write_scan(tmp_path / "scan.h5", make_scan(seed=1))
     with pytest.raises(RuntimeError, match="disk full"):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .scanfile import ScanData, read_scan
+from psr.data.scanfile import ScanData, read_scan
 
 
 EDGE_WARNING = 0.01  # fraction of an image's intensity in its outer frame above which we warn

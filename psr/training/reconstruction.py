@@ -45,7 +45,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
     and H[rho, prior] = -E_rho[log rho - log prior] [nats] estimated from the generator's own
     log-density (a `models.NormalizingFlowBeam` or `models.GaussianBeam`). prior: a module with
     `log_density(x)` over the generator's coordinates (e.g. a fixed `models.GaussianBeam`); None: a
-    flat prior (plain entropy). The callback `psr.callbacks.PenaltySchedule` raises mu stage by stage
+    flat prior (plain entropy). The callback `psr.training.PenaltySchedule` raises mu stage by stage
     until D falls under a threshold. "train_loss" stays the image mismatch D; the objective is logged
     as "train_objective", the entropy as "entropy" and mu as "penalty".
     """
@@ -87,7 +87,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.setting_names: list[str] = []
 
     def configure_scan(self, scan) -> None:
-        """Take the lattice, reference and setting names from a scan file (`psr.scanfile.ScanData`)."""
+        """Take the lattice, reference and setting names from a scan file (`psr.data.scanfile.ScanData`)."""
         items = [dict(item) for item in scan.lattice]
         names = [item.get("name") for item in items]
         for name, method in (self.hparams.tracking or {}).items():

@@ -9,9 +9,10 @@ import torch
 
 import sim
 
-from .entropy import knn_entropy
-from .openpmd import atomic_target, write_openpmd
-from .plots import plot_images, plot_loss, plot_phase_space
+from psr.outputs.entropy import knn_entropy
+from psr.data.atomic import atomic_target
+from psr.data.openpmd import write_openpmd
+from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
 
 PLANES_4D = ("x", "y")
 PLANES_6D = ("x", "y", "z")

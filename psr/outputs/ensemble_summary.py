@@ -1,95 +1,23 @@
-"""Ensembles: M reconstructions of one scan with different seeds, then the mean and spread of their
-emittances, phase-space projections and predicted screen images (`psr ensemble`)."""
+"""The summary of an ensemble of fits: mean and spread over members of emittances, phase-space
+projections and predicted screen images, with confidence-band plots."""
 
 import itertools
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 import yaml
 
-from .datamodule import prepare_images
-from .openpmd import atomic_target, read_openpmd
-from .plots import plot_ensemble_marginals, plot_ensemble_phase_space, plot_ensemble_profiles
-from .report import PLANES_4D, PLANES_6D, emittance_table
-from .scanfile import read_scan
+from psr.data.atomic import atomic_target
+from psr.data.datamodule import prepare_images
+from psr.data.openpmd import read_openpmd
+from psr.data.scanfile import read_scan
+from psr.outputs.plots import plot_ensemble_marginals, plot_ensemble_phase_space, plot_ensemble_profiles
+from psr.outputs.report import PLANES_4D, PLANES_6D, emittance_table
 
 AXES = ("x", "px", "y", "py", "z", "pz")
 PROJECTION_BINS = 48
-
-
-def member_arguments(fit_args: list[str], seed: int, version: str) -> list[str]:
-    """`psr fit` arguments of one member: its seed (network and base samples) and its run folder."""
-    return ["fit", *fit_args, f"--seed_everything={seed}", f"--model.generator.init_args.seed={seed}",
-            f"--trainer.logger.init_args.version={version}"]
-
-
-def run_ensemble(fit_args: list[str], members: int, first_seed: int = 0, parallel: int | None = None,
-                 name: str | None = None) -> Path:
-    """Fit `members` reconstructions (seeds first_seed, first_seed + 1, ...) and summarize them.
-
-    fit_args: `psr fit` arguments (a config with a CSVLogger). Members run one after another in this
-    process, or `parallel` at a time as `psr fit` processes, one device each where there are several
-    GPUs (default: parallel = the number of GPUs when there are several, else 1). Returns the
-    ensemble folder <save_dir>/<name>/<ensemble name>, holding member_<i>/ and the summary.
-    """
-    from .cli import fit_cli
-
-    if members < 2:
-        raise ValueError(f"an ensemble needs at least 2 members, got {members}")
-    gpus = torch.cuda.device_count()
-    parallel = parallel or (gpus if gpus > 1 else 1)
-    if parallel < 1:
-        raise ValueError(f"parallel must be >= 1, got {parallel}")
-    name = name or time.strftime("ensemble_%Y%m%d-%H%M%S")
-    versions = [f"{name}/member_{i}" for i in range(members)]
-    seeds = [first_seed + i for i in range(members)]
-    first = fit_cli(member_arguments(fit_args, seeds[0], versions[0]))  # also checks the arguments
-    folder = Path(first.trainer.log_dir).parent
-    rest = list(zip(seeds[1:], versions[1:]))
-    if parallel == 1:
-        for seed, version in rest:
-            fit_cli(member_arguments(fit_args, seed, version))
-    else:
-        _run_processes(fit_args, rest, parallel, gpus)
-    return summarize_ensemble([folder / f"member_{i}" for i in range(members)], folder)
-
-
-def _run_processes(fit_args, jobs, parallel: int, gpus: int) -> None:
-    """Run `psr fit` for every (seed, version), at most `parallel` at once, GPU i % gpus each."""
-    running, failed = [], []
-    for slot, (seed, version) in enumerate(jobs):
-        while len(running) >= parallel:
-            running = _reap(running, failed)
-            time.sleep(0.2)
-        env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-        command = [sys.executable, "-m", "psr.cli", *member_arguments(fit_args, seed, version),
-                   "--trainer.enable_progress_bar=false"]
-        running.append((version, subprocess.Popen(command, env=env)))
-    while running:
-        running = _reap(running, failed)
-        time.sleep(0.2)
-    if failed:
-        raise RuntimeError(f"ensemble member run(s) failed: {failed}")
-
-
-def _reap(running, failed):
-    still = []
-    for version, process in running:
-        code = process.poll()
-        if code is None:
-            still.append((version, process))
-        elif code:
-            failed.append(f"{version} (exit code {code})")
-    return still
 
 
 def _member_data(folder: Path) -> dict:

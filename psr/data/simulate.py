@@ -8,9 +8,9 @@ import torch
 
 import sim
 
-from .openpmd import read_openpmd
-from .scanfile import ScanData, ScreenData, write_scan
-from .synthetic import SyntheticBeam
+from psr.data.openpmd import read_openpmd
+from psr.data.scanfile import ScanData, ScreenData, write_scan
+from psr.data.synthetic import SyntheticBeam
 
 
 def scan_settings(settings: dict[str, list[float]], grid: bool) -> tuple[list[str], np.ndarray]:

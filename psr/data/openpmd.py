@@ -9,9 +9,6 @@ z = -beta c (t - t_ref) [m], pz = (P - P0)/P0, with reference momentum p0c [eV].
 
 import os
 import posixpath
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +16,8 @@ import h5py
 import numpy as np
 
 from sim.species import ELEMENTARY_CHARGE, SPEED_OF_LIGHT, get_species
+
+from psr.data.atomic import atomic_target
 
 EV_PER_C_SI = ELEMENTARY_CHARGE / SPEED_OF_LIGHT  # 1 eV/c in kg m/s (unitSI of momentum in eV/c)
 
@@ -124,24 +123,6 @@ def write_bunch(group: h5py.Group, particles, p0c: float, species: str = "electr
     for name, (data, record) in components.items():
         _write_component(bunch, name, data, record)
     return bunch
-
-
-def _temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-@contextmanager
-def atomic_target(path) -> Iterator[Path]:
-    """A temporary file next to `path` to write to: renamed over `path` when the block ends, removed
-    when it raises, so a failure never leaves a partial file."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_openpmd(target, particles, p0c: float, species: str = "electron", charge: float = 0.0) -> None:

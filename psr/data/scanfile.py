@@ -19,7 +19,8 @@ import yaml
 import sim
 from sim.lattice import load_lattice_text
 
-from .openpmd import atomic_target, check_particles, read_openpmd, write_bunch
+from psr.data.atomic import atomic_target
+from psr.data.openpmd import check_particles, read_openpmd, write_bunch
 
 FORMAT, VERSION = "scan", 1
 
@@ -232,7 +233,7 @@ def read_scan(path) -> ScanData:
     """Read a scan file and validate it (raises ScanFileError naming the first problem).
 
     The ground truth's longitudinal reference is the one `write_scan` uses (reference particle at
-    t = 0, z = 0), so a written ground truth reads back exactly; see `psr.openpmd.read_openpmd`.
+    t = 0, z = 0), so a written ground truth reads back exactly; see `psr.data.openpmd.read_openpmd`.
     """
     source = str(path)
 

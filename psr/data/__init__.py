@@ -1,0 +1,6 @@
+"""Scan files, openPMD particle files, synthetic scans and the LightningDataModule."""
+
+from psr.data.datamodule import ScanDataModule
+from psr.data.synthetic import SyntheticBeam
+
+__all__ = ["ScanDataModule", "SyntheticBeam"]
