@@ -51,9 +51,10 @@ class NormalizingFlowBeam(nn.Module):
 
     n_dim: 4 (x, px, y, py; z = pz = 0) or 6. scale [m, 1]: one value or one per coordinate (a diagonal
     covariance estimate), or covariance: a full (n_dim, n_dim) estimate. hidden_width, num_blocks:
-    the coupling networks. seed: the base samples. resample: in training mode draw fresh base
-    samples at every call (MENT-Flow does: fixed samples let a maximum-entropy fit shape the particles
-    to the pixel noise of the measured images, which lowers its entropy); evaluation mode always
+    the coupling networks. seed: the base samples (and the stream of resampled ones). resample: in
+    training mode draw fresh base samples at every call (MENT-Flow does: fixed samples let a
+    maximum-entropy fit shape the particles to the pixel noise of the measured images, which lowers
+    its entropy); evaluation mode always
     uses the fixed samples. coupling: "spline" (rational-quadratic splines, the more flexible) or
     "affine" (Real NVP shift and scale, bounded per layer by tanh; ~8x faster on a CPU, use more layers).
     """
@@ -68,6 +69,7 @@ class NormalizingFlowBeam(nn.Module):
         if n_particles < 2 or n_layers < 1:
             raise ValueError(f"n_particles must be >= 2 and n_layers >= 1, got {n_particles}, {n_layers}")
         self.n_dim, self.seed, self.resample = n_dim, seed, resample
+        self._rng: torch.Generator | None = None
         if coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling {coupling!r}; use one of {COUPLINGS}")
         layers = []
@@ -100,7 +102,8 @@ class NormalizingFlowBeam(nn.Module):
         """Particles (N, n_dim) in physical units and their log-density [log of 1/(m^k)] (N,), one pass."""
         z = self.base_samples
         if self.resample and self.training:
-            z = torch.randn(n_particles or self.n_particles, self.n_dim, device=z.device, dtype=z.dtype)
+            z = torch.randn(n_particles or self.n_particles, self.n_dim, generator=self._resample_generator(z.device),
+                            device=z.device, dtype=z.dtype)
         elif n_particles is not None and n_particles != self.n_particles:
             z = self._draw(n_particles, self.seed + 1).to(z)
         log_q = _standard_normal_log_density(z)
@@ -109,6 +112,13 @@ class NormalizingFlowBeam(nn.Module):
             log_q = log_q - log_det
         x = self.mean + z @ self.cholesky.T
         return x, log_q - torch.log(torch.diagonal(self.cholesky).abs()).sum()
+
+    def _resample_generator(self, device: torch.device) -> torch.Generator:
+        """The random generator of resampled base draws, seeded from `seed` (seed + 2) on first use: every
+        process of a distributed fit draws the same particles, whatever else used the global generator."""
+        if self._rng is None or self._rng.device != torch.device(device):
+            self._rng = torch.Generator(device).manual_seed(self.seed + 2)
+        return self._rng
 
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density (N,) of points x (N, n_dim) in physical units (the flows run backwards)."""

@@ -41,6 +41,7 @@ class PsrCLI(LightningCLI):
 def fit_cli(args=None, run=True) -> PsrCLI:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*IterableDataset` has `__len__`.*")  # ours: one batch, no workers
     return PsrCLI(
         PhaseSpaceReconstruction,
         ScanDataModule,

@@ -5,7 +5,7 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from psr.data.scanfile import ScanData, read_scan
 
@@ -45,8 +45,10 @@ def prepare_images(screen, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32), measured
 
 
-class _RepeatedFullBatch(Dataset):
-    """Yields the same full batch `repeats` times (one optimizer step each)."""
+class _RepeatedFullBatch(IterableDataset):
+    """Yields the same full batch `repeats` times (one optimizer step each). Iterable, so that Lightning
+    gives every process of a distributed fit all `repeats` of it (each process takes its share of the
+    batch's settings) instead of splitting the repeats between processes with a DistributedSampler."""
 
     def __init__(self, batch: dict, repeats: int):
         self.batch, self.repeats = batch, repeats
@@ -54,8 +56,8 @@ class _RepeatedFullBatch(Dataset):
     def __len__(self):
         return self.repeats
 
-    def __getitem__(self, index):
-        return self.batch
+    def __iter__(self):
+        return (self.batch for _ in range(self.repeats))
 
 
 class ScanDataModule(L.LightningDataModule):

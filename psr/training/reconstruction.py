@@ -132,35 +132,75 @@ class PhaseSpaceReconstruction(L.LightningModule):
             log_density = log_density - self.prior.log_density(coords)
         return as_particles(coords), -log_density.mean()
 
-    def _loss(self, batch, beam: sim.ParticleBeam | None = None) -> torch.Tensor:
-        measured = batch["measured"]
-        predicted = self.predict_images(batch["settings"], beam, measured=measured)
-        losses = [image_loss(predicted[name], batch["images"][name][measured[name]], self.hparams.loss)
-                  for name in batch["images"]]
-        return torch.stack(losses).mean()
+    def _loss(self, batch, beam: sim.ParticleBeam | None = None, share: bool = False) -> torch.Tensor:
+        """Image mismatch of a batch: per screen the mean over its measured images, then the mean over screens.
+
+        share: fit together with the other processes of a distributed run (Lightning's ddp strategy):
+        this process (global rank r of W) tracks only settings r, r + W, ... of the batch and returns its
+        share of the mismatch (per screen, its images' sum over the screen's measured images in the
+        whole batch), so the shares of all processes add up to the mismatch of the whole batch.
+        """
+        rank, world = self._rank_and_world() if share else (0, 1)
+        rows = slice(rank, None, world)
+        measured = {name: flags[rows] for name, flags in batch["measured"].items()}
+        settings = batch["settings"][rows]
+        predicted = self.predict_images(settings, beam, measured=measured) if len(settings) else {}
+        losses = []
+        for name, images in batch["images"].items():
+            mine, total = int(measured[name].sum()), int(batch["measured"][name].sum())
+            if mine == 0:
+                losses.append(images.new_zeros(()))
+                continue
+            mean = image_loss(predicted[name], images[rows][measured[name]], self.hparams.loss)
+            losses.append(mean * (mine / total) if mine != total else mean)
+        loss = torch.stack(losses).mean()
+        if world > 1:  # DDP needs a gradient (0 where unused) for every parameter from every process
+            loss = loss + sum(0.0 * p.sum() for p in self.parameters() if p.requires_grad)
+        return loss
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """(global rank, number of processes) of this process in its trainer; (0, 1) without one."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _sum_over_processes(self, share: torch.Tensor) -> torch.Tensor:
+        """The sum of every process's `share` (a detached copy; the share itself in a single process)."""
+        if self._rank_and_world()[1] == 1:
+            return share.detach()
+        return self.trainer.strategy.reduce(share.detach().clone(), reduce_op="sum")
+
+    def _distributed(self, share: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """A loss whose value is `total` (the sum of the shares) and whose gradient is W x the gradient of this
+        process's `share`: DDP averages the W processes' gradients, which gives the gradient of the total."""
+        world = self._rank_and_world()[1]
+        return share if world == 1 else world * share + (total - world * share).detach()
 
     @torch.no_grad()
     def image_mismatch(self, batch, n_particles: int | None = None) -> float:
         """The mean image mismatch D of a batch with a beam of `n_particles` (more particles than in
-        training: D without most of the model's shot noise)."""
-        return self._loss(batch, self.beam(n_particles)).item()
+        training: D without most of the model's shot noise). In a distributed fit every process must
+        call it (they share the work)."""
+        return self._sum_over_processes(self._loss(batch, self.beam(n_particles), share=True)).item()
 
     def training_step(self, batch, batch_idx):
         if not self.max_entropy:
-            loss = self._loss(batch)
+            share = self._loss(batch, share=True)
+            loss = self._sum_over_processes(share)
             self.log("train_loss", loss, prog_bar=True)
-            return loss
-        particles, entropy = self.relative_entropy()
-        mismatch = self._loss(batch, sim.ParticleBeam(particles, self.p0c, self.species, self.charge))
-        objective = -entropy + self.penalty.to(mismatch.dtype) * mismatch
+            return self._distributed(share, loss)
+        particles, entropy = self.relative_entropy()  # the same beam in every process
+        share = self._loss(batch, sim.ParticleBeam(particles, self.p0c, self.species, self.charge), share=True)
+        mismatch = self._sum_over_processes(share)
+        penalty = self.penalty.to(mismatch.dtype)
+        objective = -entropy + penalty * self._distributed(share, mismatch)
         self.log("train_loss", mismatch, prog_bar=True)
-        self.log_dict({"train_objective": objective, "entropy": entropy, "penalty": self.penalty.float()})
+        self.log_dict({"train_objective": objective.detach(), "entropy": entropy.detach(), "penalty": self.penalty.float()})
         return objective
 
     def validation_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("val_loss", loss, prog_bar=True)
-        return loss
+        share = self._loss(batch, share=True)  # one validation batch (the held-out settings) per epoch
+        self.log("val_loss", share, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        return share
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
