@@ -4,6 +4,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -63,33 +64,63 @@ def simulate_cli(args) -> None:
 
 
 ENSEMBLE_USAGE = """usage: psr ensemble [--members M] [--first_seed S] [--parallel P] [--name NAME] <psr fit arguments>
+       psr ensemble --member_index I --name NAME [--first_seed S] <psr fit arguments>
+       psr ensemble --summarize <ensemble folder> [--members M]
 
 Fit M reconstructions of one scan with seeds S, S+1, ... (each seeds the network and the base samples),
 then write the mean and spread of emittances, phase-space projections and predicted images, with
 confidence-band plots, into <save_dir>/<logger name>/<NAME>/ (members in member_<i>/).
 Members run one after another in this process, or P at a time as separate `psr fit` processes, one
 GPU each where there are several (default P: the number of GPUs if more than one, else 1).
+--member_index I fits member I alone (seed S + I, into <NAME>/member_<I>/; e.g. one task of a SLURM
+array job, itself on one or many processes, GPUs or nodes with --trainer.strategy ddp);
+--summarize then writes the summary of the members member_0 ... member_<M-1> (default: all) of the folder.
 Example: psr ensemble --members 5 --config configs/quad_scan_4d.yaml --trainer.max_epochs 8"""
 
 
 def ensemble_cli(args: list[str]) -> None:
     import argparse
 
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     from psr.outputs.ensemble_summary import summarize_ensemble
-    from psr.outputs.report import format_emittances
-    from psr.training.ensemble import run_ensemble
+    from psr.training.ensemble import member_folders, run_ensemble, run_member
 
     parser = argparse.ArgumentParser(prog="psr ensemble", usage=ENSEMBLE_USAGE, add_help=False)
-    parser.add_argument("--members", type=int, default=5)
+    parser.add_argument("--members", type=int, default=None)
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=None)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--member_index", type=int, default=None)
+    parser.add_argument("--summarize", default=None)
     if not args or "-h" in args or "--help" in args:
         print(ENSEMBLE_USAGE)
         raise SystemExit(0)
     options, fit_args = parser.parse_known_args(args)
-    member_dirs = run_ensemble(fit_cli, fit_args, options.members, options.first_seed, options.parallel, options.name)
-    folder = summarize_ensemble(member_dirs, member_dirs[0].parent)
+    if options.summarize is not None:
+        if fit_args:
+            raise ValueError(f"--summarize takes no psr fit arguments, got {fit_args}")
+        folder = summarize_ensemble(member_folders(Path(options.summarize), options.members), Path(options.summarize))
+    elif options.member_index is not None:
+        if options.members is not None or options.parallel is not None:
+            raise ValueError("--member_index fits one member: --members and --parallel do not apply")
+        folder = run_member(fit_cli, fit_args, options.member_index, options.name, options.first_seed)
+        if rank_zero_only.rank == 0:
+            print(f"ensemble member {options.member_index}: {folder}")
+        return
+    else:
+        member_dirs = run_ensemble(fit_cli, fit_args, options.members or 5, options.first_seed, options.parallel,
+                                   options.name)
+        if rank_zero_only.rank != 0:  # another process of distributed member fits: rank 0 summarizes
+            return
+        folder = summarize_ensemble(member_dirs, member_dirs[0].parent)
+    print_ensemble_summary(folder)
+
+
+def print_ensemble_summary(folder: Path) -> None:
+    """Print an ensemble folder's summary (ensemble_emittances.json)."""
+    from psr.outputs.report import format_emittances
+
     summary = json.loads((folder / "ensemble_emittances.json").read_text())
     rows = {key: {"reconstructed": row["mean"], **({"true": row["true"], "relative_error": row["mean_relative_error"]}
                                                    if "true" in row else {})}

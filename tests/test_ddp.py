@@ -142,3 +142,46 @@ def test_more_processes_than_settings_max_entropy(scans, tmp_path):
                       "--trainer.devices=3")
     assert column(single[0], "penalty")[19] == 2 * column(single[0], "penalty")[0]  # the first stage ended
     assert_same_fit(single, distributed, ["train_loss", "train_objective", "entropy", "penalty", "stage_mismatch"])
+
+
+def test_ensemble_members_as_separate_jobs(scans, tmp_path, capsys):
+    """`psr ensemble --member_index I` (one task of an array job each; member 1 itself on 2 processes, the
+    console script relaunched by Lightning) and `psr ensemble --summarize` summarize the members with
+    seeds 0 and 1; the distributed member equals the same member fitted in one process."""
+    from psr.cli import main
+
+    common = ["--config", "configs/quad_scan_4d.yaml", f"--data.path={scans[7]}", "--data.steps_per_epoch=10",
+              "--trainer.max_steps=20", "--model.generator.init_args.n_particles=2000", "--trainer.accelerator=cpu",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    main(["ensemble", "--member_index", "0", "--name", "jobs", *common])
+    main(["ensemble", "--member_index", "1", "--name", "single", *common])
+    done = subprocess.run([PSR, "ensemble", "--member_index", "1", "--name", "jobs", *common, *DDP,
+                           "--trainer.devices=2"], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ensemble member 1:") == 1, done.stdout  # printed by rank 0 only
+    folder = tmp_path / "quad_scan_4d"
+    main(["ensemble", "--summarize", str(folder / "jobs")])
+    assert "ensemble of 2" in capsys.readouterr().out
+    summary = json.loads((folder / "jobs" / "ensemble_emittances.json").read_text())
+    members = [json.loads((folder / run / "emittances.json").read_text())
+               for run in ("jobs/member_0", "single/member_1")]
+    for key, row in summary["emittances"].items():
+        expected = [m[key]["reconstructed"] for m in members]
+        print(key, "summary", row["members"], "single-process members", expected)
+        assert expected[0] != expected[1]  # seeds 0 and 1
+        np.testing.assert_allclose(row["members"], expected, rtol=1e-4)
+
+
+def test_ensemble_job_errors(tmp_path, capsys):
+    from psr.cli import main
+
+    (tmp_path / "member_0").mkdir()
+    (tmp_path / "member_2").mkdir()
+    for args, message in ((["--summarize", str(tmp_path)], "no member folder(s) member_1"),
+                          (["--summarize", str(tmp_path / "nothing")], "no such ensemble folder"),
+                          (["--member_index", "0", "--config", "configs/quad_scan_4d.yaml"], "needs --name"),
+                          (["--member_index", "0", "--members", "3", "--name", "e"], "do not apply")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["ensemble", *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, args

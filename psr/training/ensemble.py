@@ -47,6 +47,33 @@ def run_ensemble(fit: Callable, fit_args: list[str], members: int, first_seed: i
     return [folder / f"member_{i}" for i in range(members)]
 
 
+def run_member(fit: Callable, fit_args: list[str], index: int, name: str, first_seed: int = 0) -> Path:
+    """Fit member `index` (seed first_seed + index) of the ensemble `name` on its own, e.g. as one task of
+    a SLURM array job (its fit may itself run over several processes: Lightning's ddp strategy).
+    Returns its run folder <save_dir>/<logger name>/<name>/member_<index>."""
+    if index < 0:
+        raise ValueError(f"--member_index must be >= 0, got {index}")
+    if not name:
+        raise ValueError("--member_index needs --name (the ensemble's folder, the same for every member)")
+    cli = fit(member_arguments(fit_args, first_seed + index, f"{name}/member_{index}"))
+    return Path(cli.trainer.log_dir)
+
+
+def member_folders(folder: Path, members: int | None = None) -> list[Path]:
+    """The run folders member_0 ... member_<members - 1> of an ensemble folder; members None: every
+    member_<i> folder in it, which must be numbered 0, 1, ... without a gap."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such ensemble folder")
+    found = {int(d.name[7:]) for d in folder.glob("member_*") if d.is_dir() and d.name[7:].isdigit()}
+    count = members if members is not None else max(found, default=-1) + 1
+    missing = sorted(set(range(count)) - found)
+    if missing:
+        raise FileNotFoundError(f"{folder}: no member folder(s) {', '.join(f'member_{i}' for i in missing)} "
+                                "(has every member's fit finished?)")
+    return [folder / f"member_{i}" for i in range(count)]
+
+
 def _run_processes(fit_args, jobs, parallel: int, gpus: int) -> None:
     """Run `psr fit` for every (seed, version), at most `parallel` at once, GPU i % gpus each."""
     running, failed = [], []
