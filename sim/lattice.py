@@ -78,6 +78,8 @@ class Lattice(nn.Module):
         """Build from lattice-file entries `{type: ..., name: ..., <parameters>}`."""
         if not isinstance(items, (list, tuple)):
             raise ValueError(f"a lattice must be a list of elements, got {type(items).__name__}")
+        if not items:
+            raise ValueError("the lattice is empty (it needs at least one element)")
         elements = []
         for index, item in enumerate(items):
             if not isinstance(item, dict) or "type" not in item:
@@ -251,7 +253,12 @@ def load_lattice_text(text: str, source: str = "lattice") -> list:
         try:
             items = json.loads(text)
         except json.JSONDecodeError:
-            raise ValueError(f"{source}: not valid YAML or JSON: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{source}: not valid YAML or JSON{where}: {problem}") from None
     if not isinstance(items, list):
         raise ValueError(f"{source}: a lattice file must hold a list of elements")
+    if not items:
+        raise ValueError(f"{source}: the lattice is empty (it needs at least one element)")
     return items

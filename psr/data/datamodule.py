@@ -32,7 +32,9 @@ def prepare_images(screen, name: str = "") -> tuple[np.ndarray, np.ndarray]:
         images = images * screen.mask
     total = images.sum(axis=(-1, -2), keepdims=True)
     if (total[measured] <= 0).any():
-        raise ValueError("a measured image is empty (sums to zero after background and mask)")
+        empty = np.flatnonzero(measured & (total.reshape(-1) <= 0)).tolist()
+        raise ValueError(f"screen {name}: the measured image(s) of setting(s) {empty} are empty (they sum to zero "
+                         "after background and mask)")
     images = np.where(total > 0, images / np.where(total > 0, total, 1.0), 0.0)
     edge = images.copy()
     edge[..., 2:-2, 2:-2] = 0.0

@@ -240,6 +240,8 @@ def read_scan(path) -> ScanData:
     def fail(message):
         raise ScanFileError(f"{source}: {message}")
 
+    if Path(path).is_dir():
+        raise ScanFileError(f"{source}: is a folder, not a scan file")
     if not Path(path).is_file():
         raise ScanFileError(f"{source}: no such file")
     try:

@@ -11,6 +11,7 @@ import sim
 from psr.data.openpmd import read_openpmd
 from psr.data.scanfile import ScanData, ScreenData, write_scan
 from psr.data.synthetic import SyntheticBeam
+from psr.data.checks import SIMULATE_BYTES_PER_PARTICLE_SETTING, check_memory, check_output_folder
 
 
 def scan_settings(settings: dict[str, list[float]], grid: bool) -> tuple[list[str], np.ndarray]:
@@ -91,14 +92,28 @@ def simulate(
         raise ValueError("give exactly one of beam (a synthetic beam) or beam_file (an openPMD file)")
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
+    if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 2:
+        raise ValueError(f"n_particles must be an integer >= 2, got {n_particles!r}")
+    if not p0c > 0:
+        raise ValueError(f"p0c must be a positive momentum in eV, got {p0c}")
+    check_output_folder(Path(output).parent, "output")
+    for what, path in (("lattice", lattice), ("beam_file", beam_file)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{what} {path}: " + ("is a folder" if Path(path).is_dir() else "no such file"))
     lattice_items = sim.lattice.load_lattice_text(Path(lattice).read_text(), lattice)
     space_charge = sim.SpaceCharge.from_config(space_charge)
     if space_charge is not None and not charge:
         raise ValueError("space_charge is set but charge is 0: give the bunch charge [C]")
-    lat = sim.Lattice.from_list(lattice_items, space_charge=space_charge)
+    try:
+        lat = sim.Lattice.from_list(lattice_items, space_charge=space_charge)
+    except ValueError as err:
+        raise ValueError(f"{lattice}: {err}") from None
     if not lat.screens:
         raise ValueError(f"{lattice}: the lattice has no Screen, so there is nothing to image")
     names, table = scan_settings(settings, grid)
+    if beam is not None:
+        check_memory(SIMULATE_BYTES_PER_PARTICLE_SETTING * n_particles * len(table),
+                     f"n_particles={n_particles} at {len(table)} setting(s)")
     if beam is not None:
         particles = beam.sample(n_particles, seed=seed)
     else:
@@ -127,5 +142,6 @@ def simulate(
         lattice=lattice_items, settings=table, setting_names=names, screens=screens,
         p0c=float(p0c), species=species, charge=float(charge), ground_truth=particles.numpy(),
     )
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     write_scan(output, scan)
     return Path(output)
