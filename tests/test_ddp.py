@@ -102,26 +102,30 @@ def column(rows, name):
     return {int(r["step"]): float(r[name]) for r in rows if r.get(name)}
 
 
-def assert_same_fit(single, distributed, metrics):
+def assert_same_fit(single, distributed, metrics, rtol=1e-5):
     for name in metrics:
         a, b = column(single[0], name), column(distributed[0], name)
         assert a.keys() == b.keys() and a, (name, sorted(a), sorted(b))
         worst = max(abs(b[k] - a[k]) / max(abs(a[k]), 1e-12) for k in a)
         print(f"{name}: {len(a)} values, max relative difference {worst:.2e}")
-        assert worst < 1e-5, (name, a, b)
-    for key, row in single[1].items():
+        assert worst < rtol, (name, a, b)
+    emittances = {key: row for key, row in single[1].items() if isinstance(row, dict) and "reconstructed" in row}
+    assert {"norm_emit_x", "norm_emit_y", "norm_emit_4d"} <= emittances.keys()
+    for key, row in emittances.items():
         other = distributed[1][key]["reconstructed"]
         difference = abs(other - row["reconstructed"]) / abs(row["reconstructed"])
         print(f"{key}: single {row['reconstructed']:.6e}, distributed {other:.6e}, relative difference {difference:.1e}")
-        assert difference < 1e-4, (key, row, other)
+        assert difference < 10 * rtol, (key, row, other)
 
 
-def test_two_processes_reproduce_the_single_process_fit(scans, tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_two_processes_reproduce_the_single_process_fit(scans, tmp_path, accelerator):
     """7 settings, every second held out: 4 training settings (2 per process), 3 validation settings
     (2 and 1). The console script `psr` is relaunched by Lightning for the second process."""
-    config = "configs/quad_scan_4d.yaml"
-    single = fit([sys.executable, "-m", "psr.cli"], config, scans[7], tmp_path, "single")
-    distributed = fit([PSR], config, scans[7], tmp_path, "ddp", *DDP, "--trainer.devices=2")
+    config, device = "configs/quad_scan_4d.yaml", f"--trainer.accelerator={accelerator}"
+    single = fit([sys.executable, "-m", "psr.cli"], config, scans[7], tmp_path, "single", device)
+    distributed = fit([PSR], config, scans[7], tmp_path, "ddp", *DDP, device, "--trainer.devices=2")
     assert len(column(single[0], "train_loss")) == 20
     assert_same_fit(single, distributed, ["train_loss", "val_loss"])
     assert "run folder" in distributed[2] and distributed[2].count("norm_emit_x") == 1  # one report
@@ -130,18 +134,20 @@ def test_two_processes_reproduce_the_single_process_fit(scans, tmp_path):
 def test_more_processes_than_settings_max_entropy(scans, tmp_path):
     """A maximum-entropy fit (flow beam drawing fresh particles every step, penalty doubled every 10 steps
     on the mismatch of an evaluation beam) of a 2-setting scan on 3 processes: one of them has no
-    setting; the entropy term, the same in every process, must count once."""
+    setting; the entropy term, the same in every process, must count once. In float64 the two fits
+    agree to rounding (float32 rounding differences grow over a fit: see benchmarks/bench_ddp.py)."""
     config = yaml.safe_load(Path("configs/quad_scan_4d_maxent.yaml").read_text())
     config["trainer"]["callbacks"][0]["init_args"].update(threshold=1e-3, steps_per_stage=10, eval_particles=3000)
     config["model"]["generator"]["init_args"].update(n_layers=2, hidden_width=16)
     path = tmp_path / "maxent.yaml"
     path.write_text(yaml.safe_dump(config))
-    extra = ["--data.val_every=0"]
+    extra = ["--data.val_every=0", "--trainer.precision=64-true"]  # float64: equal to rounding
     single = fit([sys.executable, "-m", "psr.cli"], path, scans[2], tmp_path, "single", *extra)
     distributed = fit([sys.executable, "-m", "psr.cli"], path, scans[2], tmp_path, "ddp", *extra, *DDP,
                       "--trainer.devices=3")
     assert column(single[0], "penalty")[19] == 2 * column(single[0], "penalty")[0]  # the first stage ended
-    assert_same_fit(single, distributed, ["train_loss", "train_objective", "entropy", "penalty", "stage_mismatch"])
+    assert_same_fit(single, distributed, ["train_loss", "train_objective", "entropy", "penalty", "stage_mismatch"],
+                    rtol=1e-10)
 
 
 def test_ensemble_members_as_separate_jobs(scans, tmp_path, capsys):
