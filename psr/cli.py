@@ -5,6 +5,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -21,21 +22,105 @@ TRAINER_DEFAULTS = {
 
 
 class PsrCLI(LightningCLI):
-    """LightningCLI for reconstructions; after `fit` it writes the beam, emittances and plots."""
+    """LightningCLI for reconstructions; after `fit` it writes the beam, emittances and plots.
+
+    Crash safety (psr/training/safety.py, resume.py): checkpoints (`--checkpoint.*`, a Lightning
+    ModelCheckpoint) every `every_n_train_steps` steps and at each epoch end, with last.ckpt, written
+    atomically; `--ckpt_path last` continues the newest run of the experiment in its own folder with
+    the random state it had; a divergence guard stops a fit whose loss or weights stop being finite or
+    whose beam leaves every screen, and writes the report from the last good checkpoint.
+    """
+
+    def add_arguments_to_parser(self, parser):
+        from psr.training.safety import CHECKPOINT_EVERY_N_STEPS, Checkpoints
+
+        parser.add_lightning_class_args(Checkpoints, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": CHECKPOINT_EVERY_N_STEPS})
+
+    def before_instantiate_classes(self):
+        from psr.training.resume import resolve_last
+
+        self._resume_note = resolve_last(self.config[self.subcommand]) if self.subcommand == "fit" else None
+        if self._resume_note:  # continuing in the run's own folder (metrics.csv is kept: before_fit)
+            for message in (".*exists and is not empty.*", ".*dataloader is not resumable.*"):
+                warnings.filterwarnings("ignore", message)  # every batch of an epoch is the same whole scan
+
+    def _instantiate_trainer(self, config, callbacks):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.plugins.io import CheckpointIO
+
+        from psr.training.safety import AtomicCheckpointIO, DivergenceGuard, RandomState
+
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config = {**config, "plugins": plugins}
+        return super()._instantiate_trainer(config, [RandomState(), DivergenceGuard(), *callbacks])
 
     def before_fit(self):
+        from lightning.pytorch.loggers import CSVLogger
+
+        from psr.data.atomic import remove_stale_temporaries
+        from psr.training.resume import read_metrics_rows, restore_metrics
+
         self._fit_started = time.perf_counter()
+        run_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero or run_dir is None:
+            return
+        for folder in (run_dir, f"{run_dir}/checkpoints"):
+            remove_stale_temporaries(folder)
+        if self._resume_note:
+            print(self._resume_note)
+            if isinstance(self.trainer.logger, CSVLogger):
+                from psr.training.resume import checkpoint_step
+
+                step = checkpoint_step(self.config[self.subcommand].ckpt_path)[0]
+                restore_metrics(self.trainer.logger, *read_metrics_rows(f"{run_dir}/metrics.csv", step))
+
+    def fit(self, model, **kwargs):
+        """trainer.fit; a fit stopped by the divergence guard reports from its last good checkpoint."""
+        from psr.training.safety import FitDiverged
+
+        try:
+            self.trainer.fit(model, **kwargs)
+        except FitDiverged as err:
+            self._report_divergence(err)
+
+    def _report_divergence(self, err) -> None:
+        import torch
+
+        callback = self.trainer.checkpoint_callback
+        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        if last is None or not last.is_file():
+            raise ValueError(f"{err}; no checkpoint was written before it (--checkpoint.every_n_train_steps), "
+                             "so there is no report") from None
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self._write_outputs(int(checkpoint["global_step"]))
+        raise ValueError(f"{err}; the report is written from the last good checkpoint {last} "
+                         f"(step {checkpoint['global_step']})") from None
 
     def after_fit(self):
-        from psr.outputs.report import format_emittances, write_report
+        self._write_outputs(self.trainer.global_step)
+
+    def _write_outputs(self, step: int) -> None:
+        from psr.outputs.report import format_emittances, report_notes, write_report
 
         elapsed = time.perf_counter() - self._fit_started
         run_dir = self.trainer.log_dir or "."
         if not self.trainer.is_global_zero:
             return
+        if step == 0:
+            raise ValueError("no optimizer step was made (trainer.max_epochs, max_steps or limit_train_batches is 0), "
+                             "so there is no reconstruction to report: the run folder holds no beam")
         rows = write_report(self.model, self.datamodule, run_dir)
         print(f"\nfit took {elapsed:.1f} s")
         print(format_emittances(rows))
+        for note in report_notes(rows):
+            print(note)
         print(f"run folder: {run_dir}")
 
 

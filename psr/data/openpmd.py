@@ -55,6 +55,13 @@ def _as_numpy(particles) -> np.ndarray:
     return np.asarray(particles, dtype=np.float64)
 
 
+def physical_mask(particles) -> np.ndarray:
+    """(N,) True for particles (N, 6) with finite coordinates and forward momentum, (1 + pz)^2 > px^2 + py^2."""
+    p = _as_numpy(particles)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(p).all(axis=1) & ((1 + p[:, 5]) ** 2 > p[:, 1] ** 2 + p[:, 3] ** 2)
+
+
 def check_particles(particles) -> np.ndarray:
     """(N, 6) float64 finite Bmad particles whose total momentum exceeds their transverse momentum, or ValueError."""
     p = _as_numpy(particles)

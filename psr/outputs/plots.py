@@ -9,8 +9,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from psr.data.atomic import atomic_target  # noqa: E402
+
 COORDINATES = {"x": (0, 1e3, "x [mm]"), "px": (1, 1e3, "px [mrad]"), "y": (2, 1e3, "y [mm]"),
                "py": (3, 1e3, "py [mrad]"), "z": (4, 1e3, "z [mm]"), "pz": (5, 1e3, "pz [1e-3]")}
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Save and close a figure, written to a temporary sibling and renamed (never a half-written file)."""
+    path = Path(path)
+    try:
+        with atomic_target(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def _paired_panels(n: int, per_row: int, size: tuple[float, float]):
@@ -40,8 +52,7 @@ def plot_images(path, measured: np.ndarray, predicted: np.ndarray, extent, label
             ax.set_title(title, fontsize=6)
     fig.suptitle(f"screen {screen}: measured (upper) vs predicted (lower)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_phase_space(path, beams: dict[str, np.ndarray], pairs: list[tuple[str, str]], bins: int = 80) -> None:
@@ -62,8 +73,7 @@ def plot_phase_space(path, beams: dict[str, np.ndarray], pairs: list[tuple[str, 
             ax.set_ylabel(lb)
             ax.set_title(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def read_metrics(metrics_csv) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -96,8 +106,7 @@ def plot_loss(path, metrics_csv) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -121,8 +130,7 @@ def plot_ensemble_marginals(path, ranges: dict, marginals: dict, truth: np.ndarr
     axes[0, 0].set_ylabel("density")
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ensemble_phase_space(path, ranges: dict, projections: dict) -> None:
@@ -139,8 +147,7 @@ def plot_ensemble_phase_space(path, ranges: dict, projections: dict) -> None:
             ax.set_ylabel(COORDINATES[b][2])
             ax.set_title(f"{key} {title}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ensemble_profiles(path, measured: np.ndarray, profiles: dict, labels: list[str], screen: str,
@@ -163,5 +170,4 @@ def plot_ensemble_profiles(path, measured: np.ndarray, profiles: dict, labels: l
             ax.tick_params(labelsize=5)
     fig.suptitle(f"{screen}: measured (black),\nensemble mean +- 2 std (orange)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -10,8 +10,8 @@ import torch
 import sim
 
 from psr.outputs.entropy import knn_entropy
-from psr.data.atomic import atomic_target
-from psr.data.openpmd import write_openpmd
+from psr.data.atomic import atomic_target, remove_stale_temporaries
+from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
 
 PLANES_4D = ("x", "y")
@@ -43,6 +43,8 @@ def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
 def format_emittances(rows: dict) -> str:
     lines = [f"{'':16s} {'reconstructed':>14s} {'true':>12s} {'error':>8s}"]
     for key, row in rows.items():
+        if not isinstance(row, dict) or "reconstructed" not in row:
+            continue  # notes (dropped_particles, nominal_charge_C): see report_notes
         true = f"{row['true']:12.4e}" if "true" in row else f"{'-':>12s}"
         err = f"{100 * row['relative_error']:+7.2f}%" if "relative_error" in row else f"{'-':>8s}"
         if "difference_nats" in row:
@@ -77,16 +79,58 @@ def write_predicted_images(path: Path, images: dict[str, np.ndarray]) -> None:
             handle.create_dataset(name, data=stack, compression="gzip")
 
 
+NOMINAL_CHARGE = 1e-12  # C: the bunch charge written into beam.h5 when the scan file's is 0 (unknown)
+
+
+def write_beam(path: Path, particles: np.ndarray, scan) -> dict:
+    """beam.h5 (openPMD) of the physical particles; notes for emittances.json: how many particles were
+    dropped (NaN/inf or without forward momentum) and, when the scan's charge is 0 (unknown), the
+    nominal charge written instead (attribute psr_nominal_charge = 1), so that beamphysics' weighted
+    statistics exist."""
+    keep = physical_mask(particles)
+    if not keep.any():
+        raise ValueError(f"{path}: every particle of the reconstructed beam is unphysical (NaN/inf or no forward "
+                         "momentum); nothing to write")
+    notes = {"dropped_particles": {"count": int((~keep).sum()), "fraction": float((~keep).mean())}}
+    nominal = not scan.charge > 0
+    with atomic_target(path) as tmp, h5py.File(tmp, "w-") as handle:
+        write_openpmd(handle, particles[keep], p0c=scan.p0c, species=scan.species,
+                      charge=NOMINAL_CHARGE if nominal else scan.charge)
+        handle.attrs["psr_dropped_particles"] = notes["dropped_particles"]["count"]
+        handle.attrs["psr_nominal_charge"] = int(nominal)
+        if nominal:
+            handle.attrs["psr_note"] = np.bytes_(f"the scan file's bunch charge is 0 (unknown): the weights carry a "
+                                                 f"nominal total charge of {NOMINAL_CHARGE:g} C")
+            notes["nominal_charge_C"] = NOMINAL_CHARGE
+    return notes
+
+
+def report_notes(rows: dict) -> list[str]:
+    """Lines to print about what write_report changed: dropped particles, a nominal charge."""
+    lines = []
+    dropped = rows.get("dropped_particles", {})
+    if dropped.get("count"):
+        lines.append(f"dropped {dropped['count']} unphysical particle(s) ({100 * dropped['fraction']:.3g} % of the "
+                     "beam: NaN/inf or no forward momentum); beam.h5 and the emittances hold the rest")
+    if "nominal_charge_C" in rows:
+        lines.append(f"the scan file's bunch charge is 0 (unknown): beam.h5 carries a nominal charge of "
+                     f"{rows['nominal_charge_C'] * 1e12:g} pC (attribute psr_nominal_charge = 1)")
+    return lines
+
+
 @torch.no_grad()
 def write_report(model, datamodule, run_dir) -> dict:
-    """Write beam.h5, emittances.json and PNG plots into run_dir; return the emittance comparison."""
+    """Write beam.h5, emittances.json and PNG plots into run_dir (each file atomically); return the
+    emittance comparison and the notes of `write_beam`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     scan = datamodule.scan
     model.eval()
     beam = model.beam()
     particles = beam.particles.detach().to(torch.float64).cpu().numpy()
-    write_openpmd(run_dir / "beam.h5", particles, p0c=scan.p0c, species=scan.species, charge=scan.charge)
+    notes = write_beam(run_dir / "beam.h5", particles, scan)
+    particles = particles[physical_mask(particles)]
 
     six_d = getattr(model.generator, "n_dim", 6) == 6
     planes = PLANES_6D if six_d else PLANES_4D
@@ -96,7 +140,9 @@ def write_report(model, datamodule, run_dir) -> dict:
         truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes)
     rows = compare_emittances(recon, truth)
     rows["entropy_nats"] = entropy_row(model, particles, scan.ground_truth, planes)
-    (run_dir / "emittances.json").write_text(json.dumps(rows, indent=2))
+    rows.update(notes)
+    with atomic_target(run_dir / "emittances.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
 
     settings = datamodule.settings.to(model.device)
     predicted = model.predict_images(settings, beam)
