@@ -5,7 +5,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
