@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A plain `pip install .` (no extras) into a fresh virtual environment runs every shipped config:
+# a 2-step fit of each configs/*.yaml, run from the installed package (not this source tree).
+# Usage: bash scripts/check_plain_install.sh   (exit code 0 when every config ran)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m venv "$WORK/venv"
+. "$WORK/venv/bin/activate"
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true  # the CPU build first
+python -m pip install -q . 2>&1 | grep -v "^WARNING: Location" || true
+(cd "$WORK" && python -c "import psr, sim, models; print(psr.__file__)") | grep -q "$WORK/venv" \
+  || { echo "psr is not imported from the fresh install"; exit 1; }
+for extra in cheetah pmd_beamphysics pytest; do
+  if (cd "$WORK" && python -c "import $extra" 2>/dev/null); then echo "plain install unexpectedly has $extra"; exit 1; fi
+done
+status=0
+for config in configs/*.yaml; do
+  if "$WORK/venv/bin/psr" fit --config "$config" --trainer.max_steps=2 --data.steps_per_epoch=2 \
+       --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir="$WORK/runs" \
+       >"$WORK/log.txt" 2>&1; then
+    echo "ok      $config"
+  else
+    echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1
+  fi
+done
+exit $status
