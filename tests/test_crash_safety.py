@@ -43,7 +43,10 @@ def make_config(folder: Path, scan: Path, runs: Path) -> Path:
                                "init_args": {"save_dir": str(runs), "name": "crash"}}},
         "model": {"generator": {"class_path": "models.NormalizingFlowBeam",
                                 "init_args": {"n_particles": 1000, "n_dim": 4, "coupling": "affine", "n_layers": 2,
-                                              "hidden_width": 16, "resample": True, "scale": 1e-3}},
+                                              "hidden_width": 16, "resample": True,
+                                              "scale": [3e-4, 1e-4, 3e-4, 1e-4]}},
+                  "prior": {"class_path": "models.GaussianBeam",  # ~3x the beam: no runaway entropy
+                            "init_args": {"n_dim": 4, "scale": [1e-3, 3e-4, 1e-3, 3e-4]}},
                   "entropy_penalty": 20.0, "lr": 0.005, "warmup_steps": 10},
         "data": {"path": str(scan), "val_every": 2, "steps_per_epoch": STEPS_PER_EPOCH},
         "checkpoint": {"every_n_train_steps": EVERY},
