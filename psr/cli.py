@@ -9,6 +9,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from psr.data.datamodule import ScanDataModule
+from psr.preflight import check_config_files
 from psr.training.reconstruction import PhaseSpaceReconstruction
 
 TRAINER_DEFAULTS = {
@@ -29,6 +30,19 @@ class PsrCLI(LightningCLI):
     the random state it had; a divergence guard stops a fit whose loss or weights stop being finite or
     whose beam leaves every screen, and writes the report from the last good checkpoint.
     """
+
+    def init_parser(self, **kwargs):
+        """Parsers that raise one-line InputErrors instead of printing their usage text."""
+        parser = super().init_parser(**kwargs)
+        parser.error = _raise_input_error
+        return parser
+
+    def instantiate_classes(self):
+        """Config, scan file, output folder and memory are checked before anything is built or written."""
+        from psr.preflight import check_fit_config
+
+        self._checked_scan = check_fit_config(self.config["fit"]) if self.subcommand == "fit" else None
+        super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser):
         from psr.training.safety import CHECKPOINT_EVERY_N_STEPS, Checkpoints
@@ -66,6 +80,8 @@ class PsrCLI(LightningCLI):
         from psr.training.resume import read_metrics_rows, restore_metrics
 
         self._fit_started = time.perf_counter()
+        if getattr(self, "_checked_scan", None) is not None and self.model.lattice is None:
+            self.model.configure_scan(self._checked_scan)  # model/scan mismatches fail before the run folder exists
         run_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or run_dir is None:
             return
@@ -123,6 +139,12 @@ class PsrCLI(LightningCLI):
         print(f"run folder: {run_dir}")
 
 
+def _raise_input_error(message, ex=None):
+    from psr.preflight import InputError, one_line
+
+    raise InputError(one_line(message)) from None
+
+
 def fit_cli(args=None, run=True) -> PsrCLI:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -145,6 +167,37 @@ def simulate_cli(args) -> None:
 
     path = CLI(simulate, args=args, prog="psr simulate", as_positional=False)
     print(f"wrote {path}")
+
+
+IMPORT_USAGE = """usage: psr import --config <name>.import.yaml [--output scan.h5]
+
+Turn a folder of camera images and a settings table into a scan file: read PNG/TIFF/NPY frames, rotate
+and flip them into the scan orientation, subtract dark frames, median filter, threshold, align shots,
+crop around the beam and pool; write images, geometry and provenance (DESIGN.md, "Measured images").
+--output overrides the config's output (a path relative to the current folder)."""
+
+
+def import_cli(args: list[str]) -> None:
+    import argparse
+
+    from psr.data.importer import SaturationWarning, import_scan
+
+    if not args or "-h" in args or "--help" in args:
+        print(IMPORT_USAGE)
+        raise SystemExit(0)
+    parser = argparse.ArgumentParser(prog="psr import", usage=IMPORT_USAGE, add_help=False)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output", default=None)
+    parser.error = _raise_input_error
+    options = parser.parse_args(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SaturationWarning)
+        result = import_scan(options.config, options.output)
+    for warning in caught:
+        print(f"psr import: warning: {warning.message}", file=sys.stderr)
+    for note in result.notes:
+        print(note)
+    print(f"wrote {result.path}")
 
 
 ENSEMBLE_USAGE = """usage: psr ensemble [--members M] [--first_seed S] [--parallel P] [--name NAME] <psr fit arguments>
@@ -223,17 +276,46 @@ def main(argv=None) -> None:
     """Entry point. Bad input (files, settings, parameters) ends with one error line and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    _quiet_startup()
     try:
+        if command in ("fit", "ensemble", "simulate"):
+            check_config_files(argv[1:])
         if command == "simulate":
             simulate_cli(argv[1:])
         elif command == "ensemble":
             ensemble_cli(argv[1:])
+        elif command == "import":
+            import_cli(argv[1:])
         else:
             fit_cli(argv)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"psr {command}: error: {message}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, MemoryError) as err:
+        print(f"psr {command or 'fit'}: error: {_error_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _quiet_startup() -> None:
+    """No tips, seed or accelerator banners from Lightning (warnings still show), no notice that the
+    CLI was given its arguments from Python."""
+    import logging
+
+    warnings.filterwarnings("ignore", ".*LightningCLI's args parameter.*")
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _error_line(err: BaseException) -> str:
+    """One line for an error: the message of bad input, the file of an OS error, the size of a failed allocation."""
+    from psr.preflight import one_line
+
+    if isinstance(err, KeyError) and err.args:
+        return one_line(str(err.args[0]))
+    if isinstance(err, MemoryError):
+        return f"out of memory ({err or 'allocation failed'}): use fewer particles or settings"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        return f"{err.filename or ''}: {err.strerror}".lstrip(": ")
+    if isinstance(err, FileNotFoundError) and err.filename:
+        return f"{err.filename}: no such file"
+    return one_line(str(err))
 
 
 if __name__ == "__main__":
