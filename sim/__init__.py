@@ -1,5 +1,6 @@
 """psr.sim: differentiable beam dynamics (torch only: no ML, no files)."""
 
+from .aperture import Aperture
 from .beam import ParticleBeam
 from .bends import Dipole
 from .cavities import RFCavity, TransverseDeflectingCavity
@@ -11,7 +12,7 @@ from .space_charge import SpaceCharge
 from .species import SPECIES, Species, get_species, relativistic_factors
 
 __all__ = [
-    "ELEMENT_TYPES", "Dipole", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
+    "Aperture", "ELEMENT_TYPES", "Dipole", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
     "RFCavity", "SPECIES", "Screen", "Sextupole", "Solenoid", "SpaceCharge", "TransverseDeflectingCavity", "Species", "TrackResult", "get_species", "parse_setting_name",
     "relativistic_factors",
 ]

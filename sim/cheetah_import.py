@@ -6,7 +6,8 @@ Solenoid k -> ks = 2 k; TransverseDeflectingCavity phase [turns] -> [rad]; Cavit
 [rad] (an RFCavity without Cheetah's transverse RF focusing); misalignment (dx, dy) ->
 x_offset, y_offset; tracking_method drift_kick_drift -> Quadrupole "chromatic", others
 "kick_drift"; Sextupole second_order -> "kick_drift"; Screen binning folded into resolution and
-pixel size, misalignment -> center. Marker and BPM are dropped (they do not change the beam).
+pixel size, misalignment -> center; Aperture (x_max, y_max, shape) -> Aperture (an inactive one is
+dropped). Marker and BPM are dropped (they do not change the beam).
 """
 
 import math
@@ -14,6 +15,7 @@ import warnings
 
 import torch
 
+from .aperture import Aperture
 from .bends import Dipole
 from .cavities import RFCavity, TransverseDeflectingCavity
 from .element import Element
@@ -76,6 +78,10 @@ def _convert(element) -> Element | None:
         warnings.warn(f"cheetah Cavity {name}: imported as an RFCavity without transverse RF focusing", stacklevel=3)
         return RFCavity(name, length=_value(element.length), voltage=_value(element.voltage),
                         frequency=_value(element.frequency), phase=torch.deg2rad(_value(element.phase)))
+    if kind == "Aperture":
+        if not element.is_active:
+            return None
+        return Aperture(name, shape=element.shape, x_max=_value(element.x_max), y_max=_value(element.y_max))
     if kind == "Screen":
         binning = int(element.binning)
         width, height = (int(n) // binning for n in element.resolution)
@@ -83,7 +89,7 @@ def _convert(element) -> Element | None:
         return Screen(name, resolution=(width, height), pixel_size=_value(element.pixel_size) * binning,
                       center=_value(element.misalignment), method=method)
     raise ValueError(f"cheetah {kind} {name}: no psr equivalent; psr imports Drift, Quadrupole, Dipole, RBend, "
-                     f"Solenoid, Sextupole, TransverseDeflectingCavity, Cavity, Screen, Marker, BPM")
+                     f"Solenoid, Sextupole, TransverseDeflectingCavity, Cavity, Screen, Aperture, Marker, BPM")
 
 
 def elements_from_cheetah(segment) -> list[Element]:

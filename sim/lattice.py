@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .aperture import Aperture
 from .beam import ParticleBeam
 from .element import Element, LinearElement
 from .bends import Dipole
@@ -17,7 +18,8 @@ from .space_charge import SpaceCharge
 
 ELEMENT_TYPES: dict[str, type[Element]] = {
     cls.__name__: cls
-    for cls in (Drift, Quadrupole, Dipole, Solenoid, Sextupole, TransverseDeflectingCavity, RFCavity, Screen)
+    for cls in (Drift, Quadrupole, Dipole, Solenoid, Sextupole, TransverseDeflectingCavity, RFCavity, Screen,
+                Aperture)
 }
 
 
@@ -60,6 +62,8 @@ class Lattice(nn.Module):
     (two rows of the matrix), and the final beam is computed when `TrackResult.beam` is first read.
     Other elements (kick_drift or chromatic tracking, offsets, cavities) take the particles
     themselves; an RF cavity changes the reference momentum p0c for the elements after it.
+    An aperture reads x, y like a screen (through the fused matrix) and multiplies the particles'
+    survival weights (..., N); screens then image, and `TrackResult.beam` weights, the survivors.
     """
 
     def __init__(self, elements: list[Element], space_charge=None):
@@ -166,23 +170,47 @@ class Lattice(nn.Module):
         unknown = set(screen_rows) - set(self.screens)
         if unknown:
             raise KeyError(f"screen_rows names unknown screen(s) {sorted(unknown)}; screens: {sorted(self.screens)}")
-        particles, p0c = beam.particles, beam.p0c
+        particles, p0c, weights = beam.particles, beam.p0c, beam.weights
         matrix = None  # the map since the particles were last updated, (..., 6, 6)
         images = {}
         for element in self.elements:
             overrides = grouped.get(element.name)
             if isinstance(element, Screen):
                 x, y = _apply_xy(particles, matrix)
+                x, y, weight = (x, y, None) if weights is None else _surviving(x, y, weights)
                 if element.name in screen_rows:
-                    x, y, overrides = _select_rows(x, y, overrides, screen_rows[element.name])
-                images[element.name] = element.image_xy(x, y, overrides=overrides)
+                    rows = screen_rows[element.name]
+                    x, y, overrides = _select_rows(x, y, overrides, rows)
+                    weight = None if weight is None else weight[torch.as_tensor(rows, device=x.device)]
+                images[element.name] = element.image_xy(x, y, weight, overrides=overrides)
+            elif isinstance(element, Aperture):
+                survival = element.survival(*_apply_xy(particles, matrix), overrides)
+                weights = survival if weights is None else weights * survival
             elif not isinstance(element, LinearElement):
                 raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
             elif self.space_charge is None or beam.charge == 0:
                 particles, matrix, p0c = _step(element, overrides, particles, matrix, p0c, beam.species)
             else:
+                if weights is not None:
+                    raise ValueError(f"space charge in {element.name} after an aperture (or with weighted particles) "
+                                     "is not supported: the kick would count the lost particles")
                 particles, matrix, p0c = self._sliced(element, overrides, particles, matrix, p0c, beam)
-        return TrackResult(lambda: beam.with_particles(_apply(particles, matrix), p0c=p0c), images)
+        return TrackResult(lambda: _final_beam(beam, _apply(particles, matrix), p0c, weights), images)
+
+
+def _final_beam(beam: ParticleBeam, particles: torch.Tensor, p0c, weights) -> ParticleBeam:
+    """The tracked beam; with weights of more settings than the particles (an aperture scanned after
+    the last scanned magnet), the particles expanded (a view) to the settings shape of the weights."""
+    if weights is not None:
+        particles = particles.expand(*torch.broadcast_shapes(weights.shape, particles.shape[:-1]), 6)
+    return beam.with_particles(particles, p0c=p0c, weights=weights)
+
+
+def _surviving(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+    """x, y and survival weights (..., N) broadcast to one shape, the weights normalized to unit sum
+    over the particles (a screen images the surviving particles; nothing when none survives)."""
+    x, y, weights = torch.broadcast_tensors(x, y, weights)
+    return x, y, weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
 
 
 def _step(element: LinearElement, overrides, particles, matrix, p0c, species):

@@ -126,7 +126,7 @@ def test_import_screen_and_errors():
     assert converted.resolution == (32, 24)
     torch.testing.assert_close(converted.pixel_size, T([2e-5, 4e-5]))
     torch.testing.assert_close(converted.center, T([1e-4, 0.0]))
-    with pytest.raises(ValueError, match="cheetah Aperture AP: no psr equivalent"):
-        sim.Lattice.from_cheetah(cheetah.Segment([cheetah.Aperture(name="AP")]))
+    with pytest.raises(ValueError, match="cheetah Undulator U: no psr equivalent"):
+        sim.Lattice.from_cheetah(cheetah.Segment([cheetah.Undulator(length=T(1.0), name="U")]))
     with pytest.warns(UserWarning, match="without transverse RF focusing"):
         sim.Lattice.from_cheetah(cheetah.Segment([cheetah.Cavity(length=T(0.5), voltage=T(1e6), name="C")]))
