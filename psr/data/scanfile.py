@@ -35,7 +35,9 @@ class ScreenData:
 
     An image that is entirely NaN marks a setting (or shot) where the screen was not measured.
     pixel_size (dx, dy) and center (cx, cy) [m] must agree with the lattice's Screen entry.
-    background and mask: optional (H, W) arrays.
+    background and mask: optional (H, W) arrays. aligned: optional attribute written by `psr import`
+    ("shots": shots of a setting centred on their mean; "settings": every image centred, so the images'
+    centroids carry no information and a fit must ignore them).
     """
 
     images: np.ndarray
@@ -43,6 +45,7 @@ class ScreenData:
     center: tuple[float, float] = (0.0, 0.0)
     background: np.ndarray | None = None
     mask: np.ndarray | None = None
+    aligned: str | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ScanData:
     lattice: lattice-file entries; settings (K, P) float64 with setting_names (P,) like "Q1.k1";
     screens: screen name -> ScreenData; p0c [eV], species, charge [C] (magnitude);
     ground_truth: optional true beam, (N, 6) Bmad particles.
+    provenance: optional attributes of /provenance (strings), e.g. import_yaml: how the images were made.
     """
 
     lattice: list[dict]
@@ -62,6 +66,7 @@ class ScanData:
     species: str = "electron"
     charge: float = 0.0
     ground_truth: np.ndarray | None = field(default=None, repr=False)
+    provenance: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def lattice_yaml(self) -> str:
@@ -275,6 +280,8 @@ def read_scan(path) -> ScanData:
             for key in ("background", "mask"):
                 if key in group:
                     extras[key] = np.asarray(_node(handle, f"screens/{name}/{key}", h5py.Dataset, source)[()])
+            if "aligned" in group.attrs:
+                extras["aligned"] = _text(_attr(group, "aligned", source))
             screens[name] = ScreenData(
                 images=np.asarray(images[()], dtype=np.float32),
                 pixel_size=tuple(np.asarray(_attr(group, "pixel_size", source), dtype=np.float64).reshape(-1).tolist()),
@@ -286,6 +293,8 @@ def read_scan(path) -> ScanData:
             screens=screens, p0c=p0c, species=_text(species), charge=charge,
         )
         scan.p0c, scan.charge = _float(p0c, "p0c", fail), _float(charge, "charge", fail)
+        if isinstance(handle.get("provenance"), h5py.Group):
+            scan.provenance = {key: _text(_attr(handle["provenance"], key, source)) for key in handle["provenance"].attrs}
         if "ground_truth" in handle:
             truth_node = _node(handle, "ground_truth", h5py.Group, source)
             try:
@@ -330,6 +339,12 @@ def write_scan(path, scan: ScanData) -> Path:
             for key in ("background", "mask"):
                 if getattr(screen, key) is not None:
                     group.create_dataset(key, data=np.asarray(getattr(screen, key), dtype=np.float32))
+            if screen.aligned is not None:
+                group.attrs["aligned"] = str(screen.aligned)
+        if scan.provenance:
+            provenance = handle.create_group("provenance")
+            for key, value in scan.provenance.items():
+                provenance.attrs[str(key)] = str(value)
         if scan.ground_truth is not None:
             write_bunch(handle.create_group("ground_truth"), scan.ground_truth, scan.p0c, scan.species, scan.charge)
     return path
