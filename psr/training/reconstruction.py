@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import sim
-from models import as_particles
+from models import GaussianBeam, as_particles
+from psr.training.prior import derive_auto_prior
 
 LOSSES = ("l1", "mse")
 
@@ -45,15 +46,20 @@ class PhaseSpaceReconstruction(L.LightningModule):
     and H[rho, prior] = -E_rho[log rho - log prior] [nats] estimated from the generator's own
     log-density (a `models.NormalizingFlowBeam` or `models.GaussianBeam`). prior: a module with
     `log_density(x)` over the generator's coordinates (e.g. a fixed `models.GaussianBeam`); None: a
-    flat prior (plain entropy). The callback `psr.training.PenaltySchedule` raises mu stage by stage
-    until D falls under a threshold. "train_loss" stays the image mismatch D; the objective is logged
-    as "train_objective", the entropy as "entropy" and mu as "penalty".
+    flat prior (plain entropy); "auto": derived from the training images at setup
+    (`psr.training.prior`): the Gaussian whose mean and covariance reproduce the images' centroids and
+    second moments through the linearized lattice, widened by `prior_width` in every rms size, is the
+    prior, and the unwidened one sets the generator's normalization (a flow's mean and Cholesky
+    factor, replacing its `scale`/`covariance`/`mean`) so it starts at the beam's scale. The callback
+    `psr.training.PenaltySchedule` raises mu stage by stage until D falls under a threshold.
+    "train_loss" stays the image mismatch D; the objective is logged as "train_objective", the
+    entropy as "entropy" and mu as "penalty".
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
-                 prior: nn.Module | None = None):
+                 prior: nn.Module | str | None = None, prior_width: float = 1.5):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
@@ -70,6 +76,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if not hasattr(generator, "sample_with_log_density"):
                 raise ValueError(f"model.entropy_penalty needs a generator with a log-density (models.NormalizingFlowBeam "
                                  f"or models.GaussianBeam); {type(generator).__name__} has none")
+        self.auto_prior = isinstance(prior, str)
+        if self.auto_prior:
+            if prior != "auto":
+                raise ValueError(f"model.prior must be a module, \"auto\" or null, got {prior!r}")
+            if not prior_width > 0:
+                raise ValueError(f"model.prior_width must be positive, got {prior_width}")
+            prior = GaussianBeam(n_particles=2, n_dim=getattr(generator, "n_dim", 6))  # set at setup
         if prior is not None:
             if entropy_penalty is None:
                 raise ValueError("model.prior is only used with model.entropy_penalty (maximum entropy)")
@@ -83,6 +96,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.generator = generator
         self.prior = prior
         self.register_buffer("penalty", torch.tensor(float(entropy_penalty or 0.0), dtype=torch.float64))
+        if self.auto_prior:  # saved with checkpoints: a restored model keeps the prior it was fitted with
+            self.register_buffer("prior_derived", torch.tensor(False))
         self.lattice: sim.Lattice | None = None
         self.setting_names: list[str] = []
 
@@ -107,6 +122,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if datamodule is None or getattr(datamodule, "scan", None) is None:
                 raise RuntimeError("PhaseSpaceReconstruction needs a ScanDataModule (it builds the lattice from the scan file)")
             self.configure_scan(datamodule.scan)
+        if self.auto_prior and not bool(self.prior_derived):
+            derive_auto_prior(self, self.trainer.datamodule)
+            self.prior_derived.fill_(True)
 
     def beam(self, n_particles: int | None = None) -> sim.ParticleBeam:
         """The current reconstructed beam."""
