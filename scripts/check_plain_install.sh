@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A plain `pip install .` (no extras) into a fresh virtual environment runs every shipped config:
-# a 2-step fit of each configs/*.yaml, run from the installed package (not this source tree).
+# a 2-step fit of each configs/*.yaml and `psr import` of each data/*.import.yaml, run from the installed
+# package (not this source tree).
 # Usage: bash scripts/check_plain_install.sh   (exit code 0 when every config ran)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,13 @@ for config in configs/*.yaml; do
   if "$WORK/venv/bin/psr" fit --config "$config" --trainer.max_steps=2 --data.steps_per_epoch=2 \
        --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir="$WORK/runs" \
        >"$WORK/log.txt" 2>&1; then
+    echo "ok      $config"
+  else
+    echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1
+  fi
+done
+for config in data/*.import.yaml; do  # psr import's image libraries come with the plain install
+  if "$WORK/venv/bin/psr" import --config "$config" --output "$WORK/imported.h5" >"$WORK/log.txt" 2>&1; then
     echo "ok      $config"
   else
     echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1

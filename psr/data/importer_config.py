@@ -100,7 +100,7 @@ def load_import_config(path) -> dict:
     `text` (the file's text), `lattice_items` and `lattice` (a sim.Lattice)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--config {path}: no such file")
+        raise InputError(f"config {path}: no such file")
     text = path.read_text()
     try:
         config = yaml.load(text, Loader=_yaml_loader())  # YAML with 1.0e6-style floats read as numbers
