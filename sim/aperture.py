@@ -55,27 +55,36 @@ class Aperture(Element):
         entry["shape"] = self.shape
         return entry
 
+    def _hard(self, x: torch.Tensor, y: torch.Tensor, p: dict) -> torch.Tensor:
+        """0/1 survival (..., N), without gradients (partly in place: it is most of an aperture's cost)."""
+        with torch.no_grad():
+            u = x - per_particle(p["x_offset"])
+            v = y - per_particle(p["y_offset"])
+            a, b = per_particle(p["x_max"]), per_particle(p["y_max"])
+            if self.shape == "rectangular":
+                return ((u.abs_() < a) & (v.abs_() < b)).to(x.dtype)
+            return (u.square_() / a.square() + v.square_() / b.square() <= 1).to(x.dtype)  # as Cheetah's
+
     def survival(self, x: torch.Tensor, y: torch.Tensor, overrides: dict | None = None) -> torch.Tensor:
         """Survival in [0, 1] (..., N) of particles at x, y (..., N) [m]; parameters broadcast over settings."""
         p = self.parameter_values(overrides, x)
+        edge = p["edge"]
+        if not may_be_nonzero(edge):
+            return self._hard(x, y, p)
+        hard = None if bool((edge > 0).all()) else self._hard(x, y, p)
         u = x - per_particle(p["x_offset"])
         v = y - per_particle(p["y_offset"])
         a, b = per_particle(p["x_max"]), per_particle(p["y_max"])
+        edge = per_particle(edge)
+        inv_width = 1 / torch.where(edge > 0, edge, torch.ones_like(edge))  # per setting: multiply per particle
         if self.shape == "rectangular":
-            hard = (u.abs() < a) & (v.abs() < b)
+            soft = (torch.sigmoid((a - u) * inv_width) * torch.sigmoid((a + u) * inv_width)
+                    * torch.sigmoid((b - v) * inv_width) * torch.sigmoid((b + v) * inv_width))
         else:
-            hard = u.square() / a.square() + v.square() / b.square() <= 1
-        hard = hard.to(x.dtype)
-        if not may_be_nonzero(p["edge"]):
-            return hard
-        edge = per_particle(p["edge"])
-        width = torch.where(edge > 0, edge, torch.ones_like(edge))
-        if self.shape == "rectangular":
-            soft = (torch.sigmoid((a - u) / width) * torch.sigmoid((a + u) / width)
-                    * torch.sigmoid((b - v) / width) * torch.sigmoid((b + v) / width))
-        else:
-            # |grad r^2| / 2, kept above a negligible floor (1e-9 of the inverse half width) at the centre
+            ia, ib = 1 / a, 1 / b
+            su, sv = u * ia, v * ib
+            # 1 / |grad r^2| with a floor (1e-9 of the inverse half width) at the centre
             floor = 1e-9 / torch.minimum(torch.minimum(a, b), torch.ones_like(a))
-            gradient = torch.sqrt((u / a**2) ** 2 + (v / b**2) ** 2 + floor**2)
-            soft = torch.sigmoid((1 - (u / a) ** 2 - (v / b) ** 2) / (2 * gradient * width))
-        return torch.where(edge > 0, soft, hard)
+            inv_gradient = torch.rsqrt((su * ia).square() + (sv * ib).square() + floor.square())
+            soft = torch.sigmoid((1 - su.square() - sv.square()) * inv_gradient * (0.5 * inv_width))
+        return soft if hard is None else torch.where(edge > 0, soft, hard)

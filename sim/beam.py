@@ -62,7 +62,7 @@ class ParticleBeam:
 
     def _unit_weights(self) -> torch.Tensor:
         """Weights normalized to unit sum, (..., N, 1) (NaN when nothing survives)."""
-        return (self.weights / self.weights.sum(-1, keepdim=True)).unsqueeze(-1)
+        return (self.weights * (1 / self.weights.sum(-1, keepdim=True))).unsqueeze(-1)
 
     @property
     def n_particles(self) -> int:

@@ -210,7 +210,7 @@ def _surviving(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
     """x, y and survival weights (..., N) broadcast to one shape, the weights normalized to unit sum
     over the particles (a screen images the surviving particles; nothing when none survives)."""
     x, y, weights = torch.broadcast_tensors(x, y, weights)
-    return x, y, weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+    return x, y, weights * (1 / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny))
 
 
 def _step(element: LinearElement, overrides, particles, matrix, p0c, species):

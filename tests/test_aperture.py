@@ -209,6 +209,23 @@ def test_fused_matrices_equal_explicit_element_tracking():
     assert torch.allclose(out.images["S"], image, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("shape", ["rectangular", "elliptical"])
+def test_one_scanned_parameter_broadcasts(shape):
+    """Each aperture parameter scanned alone over K settings (the particles (N, 6) not scanned, the
+    other parameters scalars, edge 0 and mixed 0 / > 0) equals K separate runs."""
+    particles = gaussian(3000, (1e-3,) * 6, seed=12)
+    item = {"type": "Aperture", "name": "A", "shape": shape, "x_max": 1e-3, "y_max": 0.8e-3, "x_offset": 1e-4}
+    scans = {"x_max": [0.5e-3, 1e-3, 2e-3], "y_max": [0.5e-3, 1e-3, 2e-3], "x_offset": [-1e-3, 0.0, 5e-4],
+             "y_offset": [-1e-3, 0.0, 5e-4], "edge": [0.0, 1e-5, 1e-4]}
+    for key, values in scans.items():
+        out = track([item], particles, {f"A.{key}": T(values)}).beam
+        assert out.particles.shape == (3, 3000, 6) and out.weights.shape == (3, 3000)
+        for k, value in enumerate(values):
+            alone = track([dict(item, **{key: value})], particles).beam
+            assert torch.allclose(out.weights[k], alone.weights, rtol=0, atol=1e-15), (key, value)
+            assert torch.allclose(out.cov()[k], alone.cov(), rtol=1e-12, atol=0)
+
+
 def test_nothing_survives_gives_empty_images():
     out = track([{"type": "Aperture", "name": "A", "x_max": 1e-3, "x_offset": 1.0},
                  {"type": "Screen", "name": "S", "resolution": [8, 8]}], gaussian(500, (1e-3,) * 6))
