@@ -78,8 +78,7 @@ class Aperture(Element):
         edge = per_particle(edge)
         inv_width = 1 / torch.where(edge > 0, edge, torch.ones_like(edge))  # per setting: multiply per particle
         if self.shape == "rectangular":
-            soft = (torch.sigmoid((a - u) * inv_width) * torch.sigmoid((a + u) * inv_width)
-                    * torch.sigmoid((b - v) * inv_width) * torch.sigmoid((b + v) * inv_width))
+            soft = _between(u, a, inv_width) * _between(v, b, inv_width)
         else:
             ia, ib = 1 / a, 1 / b
             su, sv = u * ia, v * ib
@@ -88,3 +87,13 @@ class Aperture(Element):
             inv_gradient = torch.rsqrt((su * ia).square() + (sv * ib).square() + floor.square())
             soft = torch.sigmoid((1 - su.square() - sv.square()) * inv_gradient * (0.5 * inv_width))
         return soft if hard is None else torch.where(edge > 0, soft, hard)
+
+
+def _between(u: torch.Tensor, half: torch.Tensor, inv_width: torch.Tensor) -> torch.Tensor:
+    """sigmoid((half - u) / width) * sigmoid((half + u) / width); 1 (and no NaN gradients) where half is inf."""
+    open_ = torch.isinf(half)
+    if not bool(open_.any()):
+        return torch.sigmoid((half - u) * inv_width) * torch.sigmoid((half + u) * inv_width)
+    half = torch.where(open_, torch.zeros_like(half), half)
+    pair = torch.sigmoid((half - u) * inv_width) * torch.sigmoid((half + u) * inv_width)
+    return torch.where(open_, torch.ones_like(pair), pair)

@@ -249,6 +249,11 @@ def test_smooth_edge_gradcheck(shape):
         return aperture.survival(x, y, dict(zip(names, values)))
 
     assert torch.autograd.gradcheck(survival, (x, y, *params))
+    open_x = T(math.inf).requires_grad_(True)  # open in x: survival 1 in x, finite gradients
+    value = survival(x, y, open_x, *params[1:])
+    value.sum().backward()
+    assert float(value.detach().min()) < 0.5 and float(open_x.grad) == 0
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (x, y, *params[1:]))
 
     particles = gaussian(30, (1e-3, 2e-4, 0.8e-3, 2e-4, 1e-3, 1e-3), seed=8).requires_grad_(True)
     line = [dict(item, shape=shape, edge=1e-4) if item["type"] == "Aperture" else item for item in LINE[:-1]]
