@@ -72,7 +72,8 @@ def fit(scan, tmp_path, name, extra):
         "--data.steps_per_epoch=100", "--trainer.max_epochs=8", "--model.generator.init_args.n_particles=4000",
         "--model.generator.init_args.scale=[3e-4,1e-4,3e-4,1e-4]", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.logger.init_args.name={name}", "--trainer.enable_progress_bar=false",
-        "--model.prior=null", *extra])  # the known maximum is that of the plain (flat-prior) entropy
+        "--model.prior=null", "--trainer.callbacks.init_args.stop_when_met=true",
+        *extra])  # the known maximum is that of the plain (flat-prior) entropy; stop where D is met
     model, data = cli.model, cli.datamodule
     model.train()  # fresh particles for every draw, as in training
     with torch.no_grad():
