@@ -151,22 +151,24 @@ K1 = T([-10.0, 0.0, 10.0])
 X_MAX = T([1.0e-3, 1.5e-3, 2.5e-3])
 
 
-def test_screen_images_are_images_of_the_survivors():
+@pytest.mark.parametrize("method", ["cic", "kde"])
+def test_screen_images_are_images_of_the_survivors(method):
     """Images with the aperture (settings of Q1 and A1 scanned together) equal, setting by setting,
     the images of only the surviving particles tracked through the line without the aperture; a
     screen read at some settings only (screen_rows) gets the same rows."""
     particles = gaussian(4000, (1e-3, 2e-4, 0.8e-3, 2e-4, 1e-3, 1e-3), seed=4)
     settings = {"Q1.k1": K1, "A1.x_max": X_MAX}
-    out = track(LINE, particles, settings)
+    line = [dict(item, method=method, kde_bandwidth=1e-4) if item["type"] == "Screen" else item for item in LINE]
+    out = track(line, particles, settings)
     images = out.images["S"]
-    without = [item for item in LINE if item["type"] != "Aperture"]
+    without = [item for item in line if item["type"] != "Aperture"]
     for k in range(3):
         alive = out.beam.weights[k].bool()
         assert 0.1 < alive.double().mean() < 0.95
         expected = track(without, particles[alive], {"Q1.k1": K1[k]}).images["S"]
         assert torch.allclose(images[k], expected, rtol=0, atol=1e-14)
         assert abs(float(images[k].sum()) - float(expected.sum())) < 1e-14
-    rows = sim.Lattice.from_list(LINE)(sim.ParticleBeam(particles, P0C), settings,
+    rows = sim.Lattice.from_list(line)(sim.ParticleBeam(particles, P0C), settings,
                                       screen_rows={"S": torch.tensor([True, False, True])}).images["S"]
     assert torch.allclose(rows, images[[0, 2]], rtol=0, atol=1e-15)
 
