@@ -44,6 +44,24 @@ def test_second_moment_fit_recovers_a_gaussian_beam():
     assert ((mean - truth[:, :4].mean(0)).abs() < 0.02 * rms).all(), (mean, truth[:, :4].mean(0))
 
 
+def test_second_moment_fit_of_the_shipped_6d_scan():
+    """6D, two screens each read at half of the settings, TDC and dipole tracked particle by particle
+    (kick_drift, linearized by the fit): the non-Gaussian truth's rms sizes and correlations."""
+    data = ScanDataModule("data/gpsr_6d.h5", val_every=8)
+    data.setup()
+    model = PhaseSpaceReconstruction(NormalizingFlowBeam(n_particles=10, n_dim=6, n_layers=1), entropy_penalty=1.0,
+                                     prior="auto")
+    model.configure_scan(data.scan)
+    rows = torch.as_tensor(data.train_index)
+    _, cov = fit_second_moments(model.lattice, model.setting_names, data.settings[rows],
+                                {n: img[rows] for n, img in data.images.items()},
+                                {n: flag[rows] for n, flag in data.measured.items()}, model.p0c, model.species, 6)
+    truth = torch.as_tensor(data.scan.ground_truth)
+    true_cov, rms = torch.cov(truth.T), truth.std(0)
+    assert ((cov.diagonal().sqrt() / rms - 1).abs() < 0.04).all(), cov.diagonal().sqrt() / rms
+    assert ((cov - true_cov) / rms[:, None] / rms[None, :]).abs().max() < 0.1
+
+
 def test_auto_prior_is_checked():
     flow = NormalizingFlowBeam(n_particles=10, n_dim=4, n_layers=1, hidden_width=8)
     with pytest.raises(ValueError, match="auto"):
