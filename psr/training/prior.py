@@ -4,7 +4,9 @@ The images' second moments fix the beam's covariance wherever a scan determines 
 beam's shape: with the lattice linearized about the reference particle, the screen position of a
 particle is u = b_k + A_k X (A_k: the x and y rows of the first-order map to the screen at setting k,
 restricted to the fitted coordinates), so an image's centroid and covariance are A_k mu + b_k and
-A_k Sigma A_k^T plus the screen's own smoothing (PSF, pixel deposit). Every measured image gives
+A_k Sigma A_k^T plus the screen's own smoothing (PSF, pixel deposit); a flat background (the mean
+of the image's outer frame) is removed first and pixels within 5 of its standard deviations of it
+are zeroed (pixel noise over a whole screen would swamp the moments). Every measured image gives
 2 + 3 linear equations in mu and Sigma; a least-squares solution (in coordinates normalized by a
 rough scale from the data, each equation relative to the image's own size) is closed-form and
 takes well under a second. Directions the scan does not fix keep that rough scale (the
@@ -26,6 +28,7 @@ COORDINATES = ("x", "px", "y", "py", "z", "pz")
 UNITS = ("mm", "mrad", "mm", "mrad", "mm", "x 1e-3")  # of 1e3 times the Bmad coordinate
 STEP = 1e-7  # finite-difference step of the linearization [m or 1]
 RCOND = 1e-3  # singular values below this fraction of the largest: a direction the scan does not fix
+NOISE_CUT = 5.0  # pixels within this many standard deviations of the frame's mean are background
 MIN_EIGENVALUE = 1e-2  # smallest eigenvalue of the fitted correlation matrix (|correlation| <= ~0.99)
 
 
@@ -63,12 +66,26 @@ def screen_maps(lattice: sim.Lattice, names: list[str], settings: torch.Tensor, 
     return maps
 
 
+def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CUT) -> torch.Tensor:
+    """Images (B, H, W) minus a flat background: the mean m of each image's outer `frame` pixels is
+    subtracted and pixels not above m + k * (their std) are zeroed. Second moments weight the far
+    pixels most, so pixel noise over a whole screen would swamp them; a noise-free image whose
+    frame is empty is unchanged."""
+    edge = torch.ones_like(images[0], dtype=torch.bool)
+    edge[frame:-frame, frame:-frame] = False
+    border = images[:, edge]
+    mean, std = border.mean(-1)[:, None, None], border.std(-1)[:, None, None]
+    kept = torch.where(images > mean + k * std, images - mean, torch.zeros_like(images))
+    return torch.where(kept.sum((-1, -2), keepdim=True) > 0, kept, images)
+
+
 def image_moments(images: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroids (B, 2) relative to the screen centre [m] and covariances (B, 2, 2) [m^2] of unit-sum
     images (B, H, W)."""
     xs, ys = screen.pixel_centres(images.double())
     xs, ys = xs - screen.center[0].double(), ys - screen.center[1].double()
-    images = images.double() / images.double().sum((-1, -2), keepdim=True)
+    images = without_background(images.double())
+    images = images / images.sum((-1, -2), keepdim=True)
     px, py = images.sum(-2), images.sum(-1)
     mx, my = px @ xs, py @ ys
     dx, dy = xs - mx[:, None], ys - my[:, None]
