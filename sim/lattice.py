@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .aperture import Aperture
 from .beam import ParticleBeam
@@ -149,18 +150,28 @@ class Lattice(nn.Module):
         """An element cut into n slices of at most `space_charge.max_step`, each tracked as half slice,
         space-charge kick over the slice length, half slice (second order in the step)."""
         length = element.parameter_values(overrides, particles)["length"]
-        longest = float(length.max()) if length.numel() else 0.0
+        longest = float(length.detach().max()) if length.numel() else 0.0
         if longest == 0:
             return _step(element, overrides, particles, matrix, p0c, beam.species)
         n = max(1, math.ceil(longest / self.space_charge.max_step - 1e-9))
         faces = [(piece == 0, piece == 2 * n - 1) for piece in range(2 * n)]
         slices = {face: element.slice_overrides(overrides, particles, 0.5 / n, *face) for face in set(faces)}
-        for piece, face in enumerate(faces):
-            particles, matrix, p0c = _step(element, slices[face], particles, matrix, p0c, beam.species)
-            if piece % 2 == 0:
-                particles, matrix = _apply(particles, matrix), None
-                particles = self.space_charge.kick(particles, p0c, beam.species, beam.charge, length / n)
-        return particles, matrix, p0c
+
+        def run(particles, matrix, p0c, first: int, last: int):  # slices first..last-1
+            for piece in range(2 * first, 2 * last):
+                particles, matrix, p0c = _step(element, slices[faces[piece]], particles, matrix, p0c, beam.species)
+                if piece % 2 == 0:
+                    particles, matrix = _apply(particles, matrix), None
+                    particles = self.space_charge.kick(particles, p0c, beam.species, beam.charge, length / n)
+            return particles, matrix, p0c
+
+        # with checkpointing, groups of ~sqrt(2 n) slices keep only their incoming particles for the
+        # backward pass and are tracked again there, one group at a time; the last (full) group is not
+        group = math.ceil(math.sqrt(2 * n)) if self.space_charge.checkpoint and torch.is_grad_enabled() else n
+        starts = [0] + list(range(n % group or group, n, group))
+        for first, last in zip(starts, starts[1:]):
+            particles, matrix, p0c = checkpoint(run, particles, matrix, p0c, first, last, use_reentrant=False)
+        return run(particles, matrix, p0c, starts[-1], n)
 
     def forward(self, beam: ParticleBeam, settings: dict | None = None, screen_rows: dict | None = None) -> TrackResult:
         """Track `beam` with `settings`; `screen_rows` {screen: index or bool mask over the (K,)

@@ -39,9 +39,15 @@ class SpaceCharge:
     extent: None (default): the grid spans the bunch's bounding box. A number k: at most the mean
     +- k rms sizes in each direction (for bunches with far outliers, which would otherwise coarsen
     the grid); particles outside are deposited at and take their field from the nearest grid face.
+    checkpoint: True (default): each kick keeps only the particles' positions and its field grid for
+    the backward pass and recomputes the rest there (cloud-in-cell weights, charge grid, FFT buffers);
+    and the lattice tracks an element's n slices in groups of ~sqrt(2 n) of which only the incoming
+    particles are kept, each group tracked again in the backward pass (memory ~sqrt(n) instead of n,
+    about one more forward pass of time). False: autograd keeps every intermediate (same gradients).
     """
 
-    def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05, extent: float | None = None):
+    def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05, extent: float | None = None,
+                 checkpoint: bool = True):
         grid_shape = tuple(int(n) for n in grid_shape)
         if len(grid_shape) != 3 or min(grid_shape) < 4:
             raise ValueError(f"SpaceCharge: grid_shape must be three integers >= 4, got {grid_shape}")
@@ -52,22 +58,26 @@ class SpaceCharge:
             raise ValueError(f"SpaceCharge: extent must be a positive number of rms sizes or None, got {extent!r}")
         self.max_step = float(max_step)
         self.extent = None if extent is None else float(extent)
+        if not isinstance(checkpoint, bool):
+            raise ValueError(f"SpaceCharge: checkpoint must be true or false, got {checkpoint!r}")
+        self.checkpoint = checkpoint
         self._kernels: OrderedDict = OrderedDict()
 
     @classmethod
     def from_config(cls, config: dict | None, where: str = "space_charge") -> "SpaceCharge | None":
-        """From a config mapping {grid_shape, max_step, extent} (None: no space charge); `where` names
-        the option in the error for an unknown key."""
+        """From a config mapping {grid_shape, max_step, extent, checkpoint} (None: no space charge);
+        `where` names the option in the error for an unknown key."""
         if config is None:
             return None
-        unknown = set(config) - {"grid_shape", "max_step", "extent"}
+        unknown = set(config) - {"grid_shape", "max_step", "extent", "checkpoint"}
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent")
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent, checkpoint")
         return cls(**config)
 
     def __repr__(self) -> str:
         extent = "" if self.extent is None else f", extent={self.extent}"
-        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent})"
+        checkpoint = "" if self.checkpoint else ", checkpoint=False"
+        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent}{checkpoint})"
 
     def kick(self, particles: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
         """Particles (..., N, 6) after the space-charge kick of a step of `length` [m] (a number or a
@@ -98,17 +108,14 @@ class SpaceCharge:
         gamma = gamma.reshape(-1, 1) if gamma.ndim else gamma
         positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)  # (B, N, 3)
         origin, spacing, keys = self._grid(positions)
-        g = _grid_coordinates(positions, origin, spacing)
-        if self.extent is not None:  # outliers onto the grid's faces
-            g = torch.minimum(g.clamp_min(0), torch.tensor(self.grid_shape, dtype=g.dtype, device=g.device) - 1)
-        batch = positions.shape[0]
-        rho = _Deposit.apply(g, charge / positions.shape[-2], self.grid_shape, batch)  # (B, nx, ny, nz) [C]
+        kernels = self._kernel_ffts(keys, spacing, positions)  # B cached (3, 2nx, 2ny, nz + 1)
+        weight = charge / positions.shape[-2]
+        if self.checkpoint:
+            return _LeanField.apply(positions, origin, spacing, kernels, weight, self.grid_shape, self.extent)
+        g = _grid_coordinates(positions, origin, spacing, self.grid_shape, self.extent)
+        rho = _Deposit.apply(g, weight, self.grid_shape, positions.shape[0])  # (B, nx, ny, nz) [C]
         rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
-        kernels = self._kernel_ffts(keys, spacing, positions)  # (B, 3, 2nx, 2ny, nz + 1)
-        nx, ny, nz = self.grid_shape
-        rho_hat = torch.fft.rfftn(rho, s=(2 * nx, 2 * ny, 2 * nz), dim=(-3, -2, -1))
-        fields = torch.fft.irfftn(rho_hat.unsqueeze(1) * kernels, s=(2 * nx, 2 * ny, 2 * nz), dim=(-3, -2, -1))
-        fields = fields[..., :nx, :ny, :nz] * COULOMB  # (B, 3, nx, ny, nz) [V/m]
+        fields = _solve(rho, _stack(kernels), self.grid_shape)  # (B, 3, nx, ny, nz) [V/m]
         return _Gather.apply(fields, g)
 
     def _grid(self, positions: torch.Tensor):
@@ -134,9 +141,9 @@ class SpaceCharge:
         keys = [tuple(int(e) for e in row) for row in exponent.tolist()]
         return origin, spacing, keys
 
-    def _kernel_ffts(self, keys, spacing, like: torch.Tensor) -> torch.Tensor:
-        """FFTs of the integrated Green's functions (B, 3, 2nx, 2ny, nz + 1), from the cache when the
-        cell sizes were seen before."""
+    def _kernel_ffts(self, keys, spacing, like: torch.Tensor) -> list[torch.Tensor]:
+        """FFTs of the integrated Green's functions, B tensors (3, 2nx, 2ny, nz + 1), from the cache
+        when the cell sizes were seen before."""
         out = []
         for key, h in zip(keys, spacing):
             full_key = (key, like.dtype, like.device)
@@ -148,7 +155,7 @@ class SpaceCharge:
                 while len(self._kernels) > 1 and len(self._kernels) * _nbytes(kernel) > _KERNEL_CACHE_BYTES:
                     self._kernels.popitem(last=False)
             out.append(self._kernels[full_key])
-        return torch.stack(out)
+        return out
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -187,9 +194,40 @@ def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tens
     return hat.to(torch.complex64 if like.dtype != torch.float64 else torch.complex128)
 
 
-def _grid_coordinates(positions, origin, spacing):
-    """Positions in units of cells from the grid origin (B, N, 3) (differentiable)."""
-    return (positions - origin.unsqueeze(-2)) / spacing.unsqueeze(-2)
+def _stack(kernels: list[torch.Tensor]) -> torch.Tensor:
+    """Kernels (B or 1, 3, 2nx, 2ny, nz + 1): a view of the cached one when all B are the same."""
+    if all(k is kernels[0] for k in kernels):
+        return kernels[0].unsqueeze(0)
+    return torch.stack(kernels)
+
+
+def _solve(rho: torch.Tensor, kernels: torch.Tensor, grid_shape) -> torch.Tensor:
+    """Fields (B, 3, nx, ny, nz) [V/m] of charge densities rho (B, nx, ny, nz) [C/m^3]: convolution
+    with the kernels' Green's functions on the doubled grid (open boundaries)."""
+    nx, ny, nz = grid_shape
+    size, dims = (2 * nx, 2 * ny, 2 * nz), (-3, -2, -1)
+    rho_hat = torch.fft.rfftn(rho, s=size, dim=dims)
+    fields = torch.fft.irfftn(rho_hat.unsqueeze(1) * kernels, s=size, dim=dims)
+    return fields[..., :nx, :ny, :nz] * COULOMB
+
+
+def _solve_adjoint(grad_fields: torch.Tensor, kernels: torch.Tensor, grid_shape) -> torch.Tensor:
+    """The transpose of `_solve`: gradient (B, nx, ny, nz) with respect to rho from one with respect
+    to the fields (B, 3, nx, ny, nz) (correlation with the real Green's functions: conjugate kernels)."""
+    nx, ny, nz = grid_shape
+    size, dims = (2 * nx, 2 * ny, 2 * nz), (-3, -2, -1)
+    grad_hat = torch.fft.rfftn(grad_fields, s=size, dim=dims)
+    grad_rho = torch.fft.irfftn((grad_hat * kernels.conj()).sum(1), s=size, dim=dims)
+    return grad_rho[..., :nx, :ny, :nz] * COULOMB
+
+
+def _grid_coordinates(positions, origin, spacing, grid_shape, extent):
+    """Positions in units of cells from the grid origin (B, N, 3) (differentiable); with an `extent`,
+    outliers are moved onto the grid's faces."""
+    g = (positions - origin.unsqueeze(-2)) / spacing.unsqueeze(-2)
+    if extent is not None:
+        g = torch.minimum(g.clamp_min(0), torch.tensor(grid_shape, dtype=g.dtype, device=g.device) - 1)
+    return g
 
 
 def _cells(g: torch.Tensor, grid_shape, batch: int):
@@ -231,6 +269,37 @@ def _interpolate(table: torch.Tensor, corners, fx, fy, fz, derivatives: bool = F
     return value, (b1 - b0, dy0 + fx * (dy1 - dy0), dz0 + fx * (dz1 - dz0))
 
 
+def _deposit(corners, fx, fy, fz, weight: float, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat cloud-in-cell grid (size,) of particles of charge `weight` in the cells of `_cells`."""
+    grid = like.new_zeros(size)
+    for index, w in zip(corners, _corner_weights(fx, fy, fz)):
+        grid.scatter_add_(0, index, (w * weight).reshape(-1))
+    return grid
+
+
+def _deposit_backward(grad_flat, corners, fx, fy, fz, weight: float) -> torch.Tensor:
+    """Gradient (B, N, 3) with respect to grid coordinates of a deposit, from the flat grid gradient."""
+    _, derivatives = _interpolate(grad_flat, corners, fx, fy, fz, derivatives=True)
+    return torch.stack(derivatives, -1) * weight
+
+
+def _gather_backward(tables, grad, corners, fx, fy, fz, need_tables: bool, need_g: bool):
+    """Gradients with respect to the flat field tables (3, B*M) and to the grid coordinates (B, N, 3)
+    of `_interpolate` of each table, from the gradient (B, N, 3) of the gathered fields."""
+    grad_tables = grad_g = None
+    if need_tables:
+        grad_tables = torch.zeros_like(tables)
+        source = grad.reshape(-1, 3).T  # (3, B*N)
+        for index, w in zip(corners, _corner_weights(fx, fy, fz)):
+            grad_tables.scatter_add_(1, index.expand(3, -1), source * w.reshape(1, -1))
+    if need_g:
+        grad_g = 0
+        for k, table in enumerate(tables):
+            _, derivatives = _interpolate(table, corners, fx, fy, fz, derivatives=True)
+            grad_g = grad_g + torch.stack(derivatives, -1) * grad[..., k:k + 1]
+    return grad_tables, grad_g
+
+
 class _Deposit(torch.autograd.Function):
     """Cloud-in-cell charge (B, nx, ny, nz) of particles at grid coordinates g (B, N, 3), each of
     charge `weight`. Backward: the gradient with respect to g, by interpolating the incoming grid
@@ -239,9 +308,7 @@ class _Deposit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, weight: float, grid_shape, batch: int):
         corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        grid = g.new_zeros(batch * math.prod(grid_shape))
-        for index, w in zip(corners, _corner_weights(fx, fy, fz)):
-            grid.scatter_add_(0, index, (w * weight).reshape(-1))
+        grid = _deposit(corners, fx, fy, fz, weight, batch * math.prod(grid_shape), g)
         ctx.save_for_backward(g)
         ctx.meta = (weight, grid_shape, batch)
         return grid.view(batch, *grid_shape)
@@ -252,8 +319,7 @@ class _Deposit(torch.autograd.Function):
         (g,) = ctx.saved_tensors
         weight, grid_shape, batch = ctx.meta
         corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        _, derivatives = _interpolate(grad.reshape(-1), corners, fx, fy, fz, derivatives=True)
-        return torch.stack(derivatives, -1) * weight, None, None, None
+        return _deposit_backward(grad.reshape(-1), corners, fx, fy, fz, weight), None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -276,16 +342,51 @@ class _Gather(torch.autograd.Function):
         tables, g = ctx.saved_tensors
         batch, grid_shape = ctx.meta
         corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        grad_fields = grad_g = None
-        if ctx.needs_input_grad[0]:
-            flat = torch.zeros_like(tables)  # (3, B*M)
-            source = grad.reshape(-1, 3).T  # (3, B*N)
-            for index, w in zip(corners, _corner_weights(fx, fy, fz)):
-                flat.scatter_add_(1, index.expand(3, -1), source * w.reshape(1, -1))
-            grad_fields = flat.view(3, batch, *grid_shape).transpose(0, 1)
-        if ctx.needs_input_grad[1]:
-            grad_g = 0
-            for k, table in enumerate(tables):
-                _, derivatives = _interpolate(table, corners, fx, fy, fz, derivatives=True)
-                grad_g = grad_g + torch.stack(derivatives, -1) * grad[..., k:k + 1]
+        grad_tables, grad_g = _gather_backward(tables, grad, corners, fx, fy, fz, *ctx.needs_input_grad)
+        grad_fields = None if grad_tables is None else grad_tables.view(3, batch, *grid_shape).transpose(0, 1)
         return grad_fields, grad_g
+
+
+class _LeanField(torch.autograd.Function):
+    """The field (B, N, 3) [V/m] at particles at rest-frame positions (B, N, 3) [m], on grids of origin
+    (B, 3) and cell sizes `spacing` (B, 3) [m], with B cached kernels: deposit, solve and gather in one
+    step that keeps only the positions and the field grid (3, B*nx*ny*nz) for the backward pass; the
+    cloud-in-cell weights are recomputed there and the solve is transposed by hand (`_solve_adjoint`)."""
+
+    @staticmethod
+    def forward(ctx, positions, origin, spacing, kernels, weight: float, grid_shape, extent):
+        batch, cells = positions.shape[0], math.prod(grid_shape)
+        g = _grid_coordinates(positions, origin, spacing, grid_shape, extent)
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        rho = _deposit(corners, fx, fy, fz, weight, batch * cells, g).view(batch, *grid_shape)
+        rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)
+        unique = list({id(k): k for k in kernels}.values())  # saved once each (they live in the cache)
+        fields = _solve(rho, _stack(kernels), grid_shape)
+        tables = fields.transpose(0, 1).reshape(3, -1)
+        values = torch.stack([_interpolate(table, corners, fx, fy, fz) for table in tables], -1)
+        ctx.save_for_backward(positions, origin, spacing, tables, *unique)
+        ctx.meta = (weight, grid_shape, extent, [next(i for i, u in enumerate(unique) if u is k) for k in kernels])
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        positions, origin, spacing, tables, *unique = ctx.saved_tensors
+        weight, grid_shape, extent, which = ctx.meta
+        batch = positions.shape[0]
+        g = _grid_coordinates(positions, origin, spacing, grid_shape, None)
+        scale = 1 / spacing.unsqueeze(-2)
+        if extent is not None:  # as autograd differentiates clamp_min(0), then minimum(., n - 1)
+            upper = torch.tensor(grid_shape, dtype=g.dtype, device=g.device) - 1
+            inside = g.clamp_min(0)
+            scale = scale * (g >= 0) * torch.where(inside == upper, 0.5, (inside < upper).to(g.dtype))
+            g = torch.minimum(inside, upper)
+        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        grad_tables, grad_g = _gather_backward(tables, grad, corners, fx, fy, fz, True, True)
+        grad_fields = grad_tables.view(3, batch, *grid_shape).transpose(0, 1)
+        grad_rho = _solve_adjoint(grad_fields, _stack([unique[i] for i in which]), grid_shape)
+        grad_rho = grad_rho / spacing.prod(-1).reshape(-1, 1, 1, 1)
+        grad_g = grad_g + _deposit_backward(grad_rho.reshape(-1), corners, fx, fy, fz, weight)
+        grad_positions = grad_g * scale  # g = (positions - origin) / spacing
+        grad_origin = -grad_positions.sum(-2) if ctx.needs_input_grad[1] else None
+        return grad_positions, grad_origin, None, None, None, None, None

@@ -157,7 +157,7 @@ def test_bad_space_charge_settings():
     with pytest.raises(ValueError, match="max_step must be a positive length"):
         sim.SpaceCharge(max_step=0.0)
     with pytest.raises(TypeError, match="space_charge must be a sim.SpaceCharge"):
-        sim.Lattice.from_list([], space_charge={"grid_shape": [8, 8, 8]})
+        sim.Lattice.from_list([{"type": "Drift", "name": "D", "length": 1.0}], space_charge={"grid_shape": [8, 8, 8]})
     fringe = sim.Lattice.from_list([{"type": "Dipole", "name": "B", "length": 0.3, "angle": 0.1,
                                      "fringe_integral": 0.5, "gap": 0.02}], space_charge=sim.SpaceCharge())
     with pytest.raises(ValueError, match="Dipole B: a dipole with a fringe field"):
