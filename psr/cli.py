@@ -286,6 +286,10 @@ def main(argv=None) -> None:
             ensemble_cli(argv[1:])
         elif command == "import":
             import_cli(argv[1:])
+        elif command == "render-camera":
+            from psr.data.camera import render_camera_cli
+
+            render_camera_cli(argv[1:])
         else:
             fit_cli(argv)
     except (ValueError, KeyError, OSError, MemoryError) as err:

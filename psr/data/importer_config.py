@@ -76,8 +76,9 @@ def _preprocess(entry, where: str) -> dict:
     if isinstance(pre["median"], bool) or not isinstance(pre["median"], int) or pre["median"] < 0:
         raise InputError(f"{w}.median must be a filter size in pixels (0 = off), got {pre['median']!r}")
     t = pre["threshold"]
-    if not (t in ("triangle", "otsu") or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1)):
-        raise InputError(f"{w}.threshold must be triangle, otsu, a fraction of the maximum in (0, 1) or 0 (off), got {t!r}")
+    if not (t in ("triangle", "otsu", "noise") or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1)):
+        raise InputError(f"{w}.threshold must be triangle, otsu, noise, a fraction of the maximum in (0, 1) or 0 (off), "
+                         f"got {t!r}")
     c = pre["crop"]
     if c != "auto" and not (isinstance(c, list) and len(c) == 4 and all(isinstance(v, int) and v >= 0 for v in c)):
         raise InputError(f"{w}.crop must be auto or [x0, x1, y0, y1] (pixels, after rotation), got {c!r}")

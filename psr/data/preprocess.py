@@ -70,9 +70,28 @@ def threshold_value(image: np.ndarray, method) -> float:
     raise ValueError(f"threshold must be triangle, otsu, a fraction in (0, 1) or 0, got {method!r}")
 
 
+NOISE_BOX, NOISE_SIGMAS = 16, 3.0
+
+
+def noise_mask(image: np.ndarray, box: int = NOISE_BOX, sigmas: float = NOISE_SIGMAS) -> np.ndarray:
+    """Where the beam is in a dark-subtracted image (background 0 on average): the pixels whose mean over
+    a box x box neighbourhood exceeds `sigmas` times that mean's noise, estimated from its negative side
+    (only noise goes below 0, and for zero-mean noise the rms of the negative values is the noise rms)."""
+    from scipy import ndimage
+
+    smooth = ndimage.uniform_filter(np.asarray(image, dtype=np.float64), size=box, mode="constant")
+    negative = smooth[smooth < 0]
+    noise = float(np.sqrt(np.mean(negative**2))) if negative.size else 0.0
+    return smooth > sigmas * noise
+
+
 def apply_threshold(image: np.ndarray, method) -> np.ndarray:
     """The image minus its threshold (`threshold_value`), clipped at zero: pixels at or below the
-    background become 0, and a pedestal under the beam is removed with it. Off (0): clipped at zero only."""
+    background become 0, and a pedestal under the beam is removed with it. Off (0): clipped at zero only.
+    "noise" (for dark-subtracted frames): pixels outside `noise_mask` become 0, those inside keep their
+    value (clipped at zero), so the beam's faint tails are not cut by a level subtracted everywhere."""
+    if method == "noise":
+        return np.clip(np.where(noise_mask(image), image, 0.0), 0.0, None)
     level = threshold_value(image, method)
     return np.clip(image - level, 0.0, None) if np.isfinite(level) else np.clip(image, 0.0, None)
 

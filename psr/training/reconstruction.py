@@ -8,6 +8,7 @@ from torch import nn
 
 import sim
 from models import GaussianBeam, as_particles
+from psr.training.alignment import centre_on, centred_screens
 from psr.training.prior import derive_auto_prior
 
 LOSSES = ("l1", "mse")
@@ -100,6 +101,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             self.register_buffer("prior_derived", torch.tensor(False))
         self.lattice: sim.Lattice | None = None
         self.setting_names: list[str] = []
+        self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
 
     def configure_scan(self, scan) -> None:
         """Take the lattice, reference and setting names from a scan file (`psr.data.scanfile.ScanData`)."""
@@ -115,6 +117,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.lattice = sim.Lattice.from_list(items, space_charge=space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
+        self.centred = centred_screens(scan)
 
     def setup(self, stage: str) -> None:
         if self.lattice is None:
@@ -169,7 +172,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if mine == 0:
                 losses.append(images.new_zeros(()))
                 continue
-            mean = image_loss(predicted[name], images[rows][measured[name]], self.hparams.loss)
+            mine_images, mine_predicted = images[rows][measured[name]], predicted[name]
+            if name in self.centred:  # the measured centroids carry no information: fit the shape only
+                mine_predicted = centre_on(mine_predicted, mine_images)
+            mean = image_loss(mine_predicted, mine_images, self.hparams.loss)
             losses.append(mean * (mine / total) if mine != total else mean)
         loss = torch.stack(losses).mean()
         if world > 1:  # DDP needs a gradient (0 where unused) for every parameter from every process
