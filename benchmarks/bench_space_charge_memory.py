@@ -85,7 +85,14 @@ def rss_mib() -> float:
 
 
 def peak_mib() -> float:
-    """Peak resident memory [MiB] since the process started or `reset_peak`."""
+    """Peak resident memory [MiB] since the process started or `reset_peak` (VmHWM, which clear_refs resets;
+    getrusage's ru_maxrss also keeps the peaks of exited threads, so it may not follow a reset)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -292,9 +292,20 @@ def main(argv=None) -> None:
             render_camera_cli(argv[1:])
         else:
             fit_cli(argv)
+        _close_process_group()
     except (ValueError, KeyError, OSError, MemoryError) as err:
         print(f"psr {command or 'fit'}: error: {_error_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _close_process_group() -> None:
+    """End a distributed run's process group in every process before it exits: left to the interpreter's
+    shutdown, gloo's threads may abort a finished process ("terminate called without an active exception"),
+    and Lightning then kills the others, rank 0 with its report half written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _quiet_startup() -> None:

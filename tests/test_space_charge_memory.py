@@ -86,7 +86,9 @@ def test_peak_memory_of_24_kicks_within_twice_one_kick():
     24 kicks need at most 2x the memory of 1 kick with checkpointing, over 2.5x without."""
     command = [sys.executable, str(BENCHMARK), "--particles", "20000", "--grid", "16", "--threads", "1",
                "--child", "1", "on", "24", "on", "1", "off", "24", "off"]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the system
+    # a clean environment (nothing earlier tests set), freed tensors go back to the system
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/"), "MALLOC_MMAP_THRESHOLD_": "65536",
+           "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     on_1, on_24, off_1, off_24 = (json.loads(line)["warm_mib"] for line in out[-4:])
     message = f"MiB: on {on_1:.1f} / {on_24:.1f}, off {off_1:.1f} / {off_24:.1f} (1 / 24 kicks)"
