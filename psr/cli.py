@@ -80,8 +80,12 @@ class PsrCLI(LightningCLI):
         from psr.training.resume import read_metrics_rows, restore_metrics
 
         self._fit_started = time.perf_counter()
-        if getattr(self, "_checked_scan", None) is not None and self.model.lattice is None:
-            self.model.configure_scan(self._checked_scan)  # model/scan mismatches fail before the run folder exists
+        scan = getattr(self, "_checked_scan", None)
+        if scan is not None:  # read once by the checks; image and model/scan errors come before the run folder exists
+            if self.datamodule.scan is None:
+                self.datamodule.load(scan)
+            if self.model.lattice is None:
+                self.model.configure_scan(scan)
         run_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or run_dir is None:
             return

@@ -3,13 +3,11 @@ folder and the memory the particles need. Each failure is one `InputError` line 
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import yaml
 
 from psr.data.checks import FIT_BYTES_PER_PARTICLE_SETTING, InputError, check_memory, check_output_folder
-from psr.data.datamodule import prepare_images
 from psr.data.scanfile import read_scan
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -73,7 +71,7 @@ def _log_dirs(trainer) -> list[str]:
 
 def check_fit_config(config):
     """A `psr fit` config (the parsed namespace of the fit subcommand), checked before anything is built:
-    a fit of at least one step, a writable output folder, a readable scan file with usable images and
+    a fit of at least one step, a writable output folder, a readable, valid scan file and
     memory for the particles. Returns the scan (`psr.data.scanfile.ScanData`) or None without a path."""
     trainer = _get(config, "trainer")
     max_steps, max_epochs = _get(trainer, "max_steps", -1), _get(trainer, "max_epochs")
@@ -88,14 +86,7 @@ def check_fit_config(config):
     path = _get(config, "data.init_args.path") or _get(config, "data.path")
     if path is None:
         return None
-    scan = read_scan(path)
-    with warnings.catch_warnings():  # the data module warns about the images once they are loaded
-        warnings.simplefilter("ignore")
-        for name, screen in scan.screens.items():
-            try:
-                prepare_images(screen, name)
-            except ValueError as err:
-                raise InputError(f"{path}: {err}") from None
+    scan = read_scan(path)  # its images are prepared (and checked) by the data module before the run folder exists
     val_every = _get(config, "data.init_args.val_every") or _get(config, "data.val_every") or 0
     n_settings = scan.settings.shape[0]
     n_train = n_settings - (len(range(1, n_settings, val_every)) if val_every and val_every > 1 else 0)

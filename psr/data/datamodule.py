@@ -80,21 +80,27 @@ class ScanDataModule(L.LightningDataModule):
         self.scan: ScanData | None = None
 
     def setup(self, stage: str | None = None):
-        if self.scan is not None:
-            return
-        self.scan = read_scan(self.path)
-        n_settings = self.scan.settings.shape[0]
+        if self.scan is None:
+            self.load(read_scan(self.path))
+
+    def load(self, scan: ScanData) -> None:
+        """Serve `scan` (read from `path`, e.g. by the command's checks): split it and prepare its images
+        (a measured image that is empty raises a ValueError naming the file, screen and settings)."""
+        n_settings = scan.settings.shape[0]
         index = np.arange(n_settings)
         if self.val_every:
             val = index[index % self.val_every == 1]
         else:
             val = index[:0]
         train = np.setdiff1d(index, val)
-        self.train_index, self.val_index = train, val
-        prepared = {name: prepare_images(screen, name) for name, screen in self.scan.screens.items()}
+        try:
+            prepared = {name: prepare_images(screen, name) for name, screen in scan.screens.items()}
+        except ValueError as err:
+            raise ValueError(f"{self.path}: {err}") from None
+        self.scan, self.train_index, self.val_index = scan, train, val
         self.images = {name: torch.from_numpy(img) for name, (img, _) in prepared.items()}
         self.measured = {name: torch.from_numpy(flag) for name, (_, flag) in prepared.items()}
-        self.settings = torch.from_numpy(self.scan.settings.astype(np.float32))
+        self.settings = torch.from_numpy(scan.settings.astype(np.float32))
 
     def batch(self, index) -> dict:
         """The batch of the given setting indices: settings (B, P), images and measured flags by screen."""

@@ -82,11 +82,11 @@ def write_predicted_images(path: Path, images: dict[str, np.ndarray]) -> None:
 NOMINAL_CHARGE = 1e-12  # C: the bunch charge written into beam.h5 when the scan file's is 0 (unknown)
 
 
-def write_beam(path: Path, particles: np.ndarray, scan) -> dict:
+def write_beam(path: Path, particles: np.ndarray, scan) -> tuple[dict, np.ndarray]:
     """beam.h5 (openPMD) of the physical particles; notes for emittances.json: how many particles were
     dropped (NaN/inf or without forward momentum) and, when the scan's charge is 0 (unknown), the
     nominal charge written instead (attribute psr_nominal_charge = 1), so that beamphysics' weighted
-    statistics exist."""
+    statistics exist. Returns the notes and the (N,) mask of the particles written."""
     keep = physical_mask(particles)
     if not keep.any():
         raise ValueError(f"{path}: every particle of the reconstructed beam is unphysical (NaN/inf or no forward "
@@ -102,7 +102,7 @@ def write_beam(path: Path, particles: np.ndarray, scan) -> dict:
             handle.attrs["psr_note"] = np.bytes_(f"the scan file's bunch charge is 0 (unknown): the weights carry a "
                                                  f"nominal total charge of {NOMINAL_CHARGE:g} C")
             notes["nominal_charge_C"] = NOMINAL_CHARGE
-    return notes
+    return notes, keep
 
 
 def report_notes(rows: dict) -> list[str]:
@@ -129,8 +129,8 @@ def write_report(model, datamodule, run_dir) -> dict:
     model.eval()
     beam = model.beam()
     particles = beam.particles.detach().to(torch.float64).cpu().numpy()
-    notes = write_beam(run_dir / "beam.h5", particles, scan)
-    particles = particles[physical_mask(particles)]
+    notes, keep = write_beam(run_dir / "beam.h5", particles, scan)
+    particles = particles[keep]
 
     six_d = getattr(model.generator, "n_dim", 6) == 6
     planes = PLANES_6D if six_d else PLANES_4D
