@@ -20,7 +20,7 @@ for extra in cheetah pmd_beamphysics pytest; do
 done
 status=0
 needs_missing_shared() {  # configs that read ../shared/data run where shared/ lies beside the checkout (as in CI)
-  grep -q "shared/data" "$1" && [ ! -d ../shared/data ]
+  grep -v "^[[:space:]]*#" "$1" | grep -q "shared/data" && [ ! -d ../shared/data ]
 }
 for config in configs/*.yaml; do
   if needs_missing_shared "$config"; then echo "skipped $config (no ../shared/data beside this checkout)"; continue; fi
