@@ -108,7 +108,7 @@ class SpaceCharge:
         gamma = gamma.reshape(-1, 1) if gamma.ndim else gamma
         positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)  # (B, N, 3)
         origin, spacing, keys = self._grid(positions)
-        kernels = self._kernel_ffts(keys, spacing, positions)  # B cached (3, 2nx, 2ny, nz + 1)
+        kernels = self._kernel_ffts(keys, spacing, positions)  # B cached (3, nx + 1, ny + 1, nz + 1)
         weight = charge / positions.shape[-2]
         if self.checkpoint:
             return _LeanField.apply(positions, origin, spacing, kernels, weight, self.grid_shape, self.extent)
@@ -142,7 +142,7 @@ class SpaceCharge:
         return origin, spacing, keys
 
     def _kernel_ffts(self, keys, spacing, like: torch.Tensor) -> list[torch.Tensor]:
-        """FFTs of the integrated Green's functions, B tensors (3, 2nx, 2ny, nz + 1), from the cache
+        """FFTs of the integrated Green's functions, B tensors (3, nx + 1, ny + 1, nz + 1), from the cache
         when the cell sizes were seen before."""
         out = []
         for key, h in zip(keys, spacing):
@@ -175,9 +175,10 @@ def _field_antiderivative(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> 
 
 
 def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tensor:
-    """FFTs (3, 2nx, 2ny, nz + 1) of the field Green's functions on the doubled grid, each integrated
-    over a source cell of `spacing` (hx, hy, hz) [m] (units: m; times rho [C/m^3] / (4 pi eps0) = V/m).
-    Computed in float64, returned in `like`'s dtype (complex)."""
+    """FFTs of the field Green's functions on the doubled grid, each integrated over a source cell of
+    `spacing` (hx, hy, hz) [m] (units: m; times rho [C/m^3] / (4 pi eps0) = V/m), divided by i (they
+    are purely imaginary): real, and only frequencies 0..n of x and y, (3, nx + 1, ny + 1, nz + 1)
+    (`_unfold_kernel` gives the (3, 2nx, 2ny, nz + 1) spectra). Float64 inside, `like`'s dtype out."""
     axes = []
     for n, h in zip(grid_shape, spacing):
         offsets = torch.arange(-n, n + 1, dtype=torch.float64, device=like.device)  # corner k - 1/2, k = -n..n
@@ -189,16 +190,41 @@ def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tens
         g = f.diff(dim=0).diff(dim=1).diff(dim=2)  # (2n+1)^3 corners -> (2n)^3 cells, offsets -n..n-1
         kernels.append(g)
     g = torch.stack(kernels)
+    for k in range(3):  # offset -n along the field's own axis: never used inside the grid; zero makes g odd
+        g[k].select(k, 0).zero_()
     g = torch.roll(g, shifts=tuple(-n for n in grid_shape), dims=(1, 2, 3))  # offset 0 first (FFT order)
-    hat = torch.fft.rfftn(g, dim=(1, 2, 3))
-    return hat.to(torch.complex64 if like.dtype != torch.float64 else torch.complex128)
+    # each kernel is real, odd along its field axis and even along the other two, so its FFT is i times
+    # a real array: only that (half the bytes of the complex FFT) is kept
+    hat = torch.fft.rfftn(g, dim=(1, 2, 3)).imag
+    nx, ny = grid_shape[:2]
+    half = hat[:, : nx + 1, : ny + 1]  # the rest follows by symmetry (`_unfold_kernel`)
+    return half.to(torch.float32 if like.dtype != torch.float64 else torch.float64).contiguous()
+
+
+def _unfold_kernel(half: torch.Tensor) -> torch.Tensor:
+    """The kernel spectra (3, 2nx, 2ny, nz + 1) from their first nx + 1 and ny + 1 frequencies
+    (3, nx + 1, ny + 1, nz + 1): odd along each component's own axis, even along the others."""
+    signs = half.new_tensor([[-1.0, 1.0, 1.0], [1.0, -1.0, 1.0]]).view(2, 3, 1, 1, 1)  # x, y axis
+    for axis, sign in ((1, signs[0]), (2, signs[1])):
+        n = half.shape[axis] - 1
+        half = torch.cat((half, sign * half.narrow(axis, 1, n - 1).flip(axis)), axis)
+    return half
+
+
+def _times_i_kernel(spectrum: torch.Tensor, kernels: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """spectrum * (sign * i * kernels): the product with the FFT of a kernel from `integrated_green_ffts`
+    (sign -1: with its complex conjugate)."""
+    pair = torch.view_as_real(spectrum)  # (..., 2): real, imaginary
+    scaled = kernels * sign
+    return torch.complex(-pair[..., 1] * scaled, pair[..., 0] * scaled)
 
 
 def _stack(kernels: list[torch.Tensor]) -> torch.Tensor:
-    """Kernels (B or 1, 3, 2nx, 2ny, nz + 1): a view of the cached one when all B are the same."""
+    """Kernels (B or 1, 3, 2nx, 2ny, nz + 1) unfolded from the cached halves (one when all B are the same)."""
     if all(k is kernels[0] for k in kernels):
-        return kernels[0].unsqueeze(0)
-    return torch.stack(kernels)
+        return _unfold_kernel(kernels[0]).unsqueeze(0)
+    unfolded = {id(k): _unfold_kernel(k) for k in kernels}
+    return torch.stack([unfolded[id(k)] for k in kernels])
 
 
 def _solve(rho: torch.Tensor, kernels: torch.Tensor, grid_shape) -> torch.Tensor:
@@ -207,7 +233,7 @@ def _solve(rho: torch.Tensor, kernels: torch.Tensor, grid_shape) -> torch.Tensor
     nx, ny, nz = grid_shape
     size, dims = (2 * nx, 2 * ny, 2 * nz), (-3, -2, -1)
     rho_hat = torch.fft.rfftn(rho, s=size, dim=dims)
-    fields = torch.fft.irfftn(rho_hat.unsqueeze(1) * kernels, s=size, dim=dims)
+    fields = torch.fft.irfftn(_times_i_kernel(rho_hat.unsqueeze(1), kernels), s=size, dim=dims)
     return fields[..., :nx, :ny, :nz] * COULOMB
 
 
@@ -217,7 +243,7 @@ def _solve_adjoint(grad_fields: torch.Tensor, kernels: torch.Tensor, grid_shape)
     nx, ny, nz = grid_shape
     size, dims = (2 * nx, 2 * ny, 2 * nz), (-3, -2, -1)
     grad_hat = torch.fft.rfftn(grad_fields, s=size, dim=dims)
-    grad_rho = torch.fft.irfftn((grad_hat * kernels.conj()).sum(1), s=size, dim=dims)
+    grad_rho = torch.fft.irfftn(_times_i_kernel(grad_hat, kernels, -1.0).sum(1), s=size, dim=dims)
     return grad_rho[..., :nx, :ny, :nz] * COULOMB
 
 

@@ -190,3 +190,24 @@ def test_gradients_match_finite_differences():
         with torch.no_grad():
             fd = (size(k1, particles + step) - size(k1, particles - step)) / 2e-9
         assert float(g_coords[i, j]) == pytest.approx(float(fd), rel=1e-4, abs=1e-6 * float(g_coords.abs().max()))
+
+
+def test_cached_quarter_spectra_unfold_to_the_full_green_function_ffts():
+    """The cache keeps i^-1 times frequencies 0..n of x and y of each kernel's spectrum; unfolded, it
+    must equal the FFT of the integrated Green's functions on the doubled grid computed here directly
+    (which must be purely imaginary)."""
+    from sim.space_charge import _field_antiderivative, _unfold_kernel, integrated_green_ffts
+
+    shape, h = (6, 8, 5), (1e-3, 2e-3, 1.5e-3)
+    half = integrated_green_ffts(shape, h, torch.zeros(1, dtype=torch.float64))
+    assert half.shape == (3, 7, 9, 6)
+    axes = [(torch.arange(-n, n + 1, dtype=torch.float64) - 0.5) * s for n, s in zip(shape, h)]
+    u, v, w = torch.meshgrid(*axes, indexing="ij")
+    g = torch.stack([_field_antiderivative(a, b, c).diff(dim=0).diff(dim=1).diff(dim=2)
+                     for a, b, c in ((u, v, w), (v, w, u), (w, u, v))])
+    for k in range(3):  # offset -n along the field axis lies outside every grid-to-grid distance
+        g[k].select(k, 0).zero_()
+    full = torch.fft.rfftn(torch.roll(g, shifts=tuple(-n for n in shape), dims=(1, 2, 3)), dim=(1, 2, 3))
+    scale = full.abs().max()
+    assert full.real.abs().max() < 1e-12 * scale
+    torch.testing.assert_close(_unfold_kernel(half), full.imag, rtol=0, atol=1e-12 * float(scale))
