@@ -34,7 +34,10 @@ class MLPBeamGenerator(nn.Module):
     beam is a deterministic function of the weights; calling with another particle count draws
     fresh base samples for that count. linear_skip adds a linear map of the base samples to the
     network output, so the beam's tails can grow linearly (a bounded tanh/MLP output clips them
-    and underestimates rms emittances of beams with long tails).
+    and underestimates rms emittances of beams with long tails). tail_skip adds a linear map (zero at
+    the start) of third-order features of the base samples b, b_i^3 and b_i |b|^2 (each scaled to
+    unit rms over the base samples), so tails can grow as fast as in S-shaped phase spaces
+    (third-order aberrations) and halos: a SiLU network with a linear skip grows at most linearly.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class MLPBeamGenerator(nn.Module):
         scale: float | Sequence[float] = 1e-3,
         seed: int = 0,
         longitudinal: Sequence[float] | None = None,
+        tail_skip: bool = False,
     ):
         super().__init__()
         if n_dim not in (4, 6):
@@ -75,6 +79,17 @@ class MLPBeamGenerator(nn.Module):
         self.skip = nn.Linear(n_dim, n_dim) if linear_skip else None
         self.register_buffer("scale", scale)
         self.register_buffer("base_samples", self._draw(n_particles, seed))
+        self.tail = None
+        if tail_skip:
+            self.tail = nn.Linear(2 * n_dim, n_dim, bias=False)
+            nn.init.zeros_(self.tail.weight)
+            features = self._tail_features(self.base_samples[:, :n_dim], torch.ones(2 * n_dim))
+            self.register_buffer("tail_scale", features.std(0))
+
+    def _tail_features(self, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(N, 2 n_dim): b_i^3 and b_i |b|^2 / n_dim, divided by `scale`."""
+        radial = base * base.square().sum(-1, keepdim=True) / base.shape[-1]
+        return torch.cat([base**3, radial], -1) / scale
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
         """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
@@ -93,6 +108,8 @@ class MLPBeamGenerator(nn.Module):
         coords = self.network(base)
         if self.skip is not None:
             coords = coords + self.skip(base)
+        if self.tail is not None:
+            coords = coords + self.tail(self._tail_features(base, self.tail_scale))
         coords = coords * self.scale
         if self.n_dim == 4:
             if self.longitudinal:

@@ -260,6 +260,7 @@ def ensemble_cli(args: list[str]) -> None:
 
 def print_ensemble_summary(folder: Path) -> None:
     """Print an ensemble folder's summary (ensemble_emittances.json)."""
+    from psr.outputs.ensemble_summary import UNDETERMINED_SPREAD
     from psr.outputs.report import format_emittances
 
     summary = json.loads((folder / "ensemble_emittances.json").read_text())
@@ -270,6 +271,14 @@ def print_ensemble_summary(folder: Path) -> None:
     print(format_emittances(rows))
     print("relative spread (std / mean): " + ", ".join(
         f"{key} {100 * row['relative_std']:.2f} %" for key, row in summary["emittances"].items()))
+    for key, row in summary["emittances"].items():
+        if "band_2std" not in row:
+            continue
+        low, high = row["band_2std"]
+        verdict = "" if "truth_in_band" not in row else (" (holds the truth)" if row["truth_in_band"] else " (misses the truth)")
+        note = "" if row["determined"] else (f"; not determined by these data (members scatter by more than "
+                                             f"{100 * UNDETERMINED_SPREAD:g} %)")
+        print(f"{key}: mean +- 2 std = [{low:.4e}, {high:.4e}]{verdict}{note}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
     if summary.get("entropy_nats"):
         print(f"entropy: {summary['entropy_nats']['mean']:.3f} +- {summary['entropy_nats']['std']:.3f} nats")

@@ -16,6 +16,15 @@ class SyntheticBeam:
     nonlinear_xz: x += nonlinear_xz * sigma_x * ((z/sigma_z)^2 - 1), a transverse offset growing
     towards head and tail (a curved x-z shape); tilt_yz: y += tilt_yz * z (a head-tail tilt).
     offset: centroid (6 values), default 0.
+
+    Hard beams (tails decide their rms emittances), each in the core's normalized coordinates (u, v) of
+    a plane (x = sqrt(emit beta) u, px = sqrt(emit / beta) (v - alpha u)), applied before the
+    correlations above:
+    s_shape_x, s_shape_y: v += s * u^3, an S-shaped phase space (third-order term, as spherical
+    aberration gives); halo_fraction, halo_scale: that fraction of the particles (drawn at random) has
+    its transverse (u, v) of both planes `halo_scale` times larger (a Gaussian halo); hollow: the
+    transverse position (u_x, u_y) moved outwards by `hollow` along its radius (a ring of that radius,
+    in core rms units); px_tail: v_x += px_tail * (exp(v_x) - e^0.5), a long one-sided tail in px.
     """
 
     def __init__(
@@ -26,6 +35,8 @@ class SyntheticBeam:
         sigma_z: float = 0.0, sigma_pz: float = 0.0, chirp: float = 0.0,
         chirp_curvature: float = 0.0, nonlinear_xz: float = 0.0, tilt_yz: float = 0.0,
         offset: list[float] | None = None,
+        s_shape_x: float = 0.0, s_shape_y: float = 0.0, halo_fraction: float = 0.0, halo_scale: float = 1.0,
+        hollow: float = 0.0, px_tail: float = 0.0,
     ):
         for key, value in (("emittance_x", emittance_x), ("emittance_y", emittance_y),
                            ("beta_x", beta_x), ("beta_y", beta_y)):
@@ -39,6 +50,10 @@ class SyntheticBeam:
         self.chirp_curvature, self.nonlinear_xz, self.tilt_yz = chirp_curvature, nonlinear_xz, tilt_yz
         if sigma_z == 0 and (chirp_curvature or nonlinear_xz):
             raise ValueError("chirp_curvature and nonlinear_xz need sigma_z > 0")
+        if not 0 <= halo_fraction < 1 or halo_scale <= 0 or hollow < 0:
+            raise ValueError("halo_fraction must be in [0, 1), halo_scale > 0 and hollow >= 0")
+        self.s_shape = (s_shape_x, s_shape_y)
+        self.halo_fraction, self.halo_scale, self.hollow, self.px_tail = halo_fraction, halo_scale, hollow, px_tail
         self.offset = torch.tensor(offset if offset is not None else [0.0] * 6, dtype=torch.float64)
         if self.offset.shape != (6,):
             raise ValueError(f"offset needs 6 values, got {offset}")
@@ -48,6 +63,7 @@ class SyntheticBeam:
         generator = torch.Generator().manual_seed(seed)
         normal = torch.randn(n_particles, 6, generator=generator, dtype=torch.float64)
         particles = torch.zeros_like(normal)
+        normal = self._shape(normal, generator)
         for plane, (emit, beta, alpha) in enumerate(self.twiss):
             u, v = normal[:, 2 * plane], normal[:, 2 * plane + 1]
             particles[:, 2 * plane] = math.sqrt(emit * beta) * u
@@ -65,3 +81,19 @@ class SyntheticBeam:
             particles[:, 0] += self.nonlinear_xz * sx * z2
             particles[:, 2] += self.tilt_yz * particles[:, 4]
         return particles + self.offset
+
+    def _shape(self, normal: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The hard-beam terms on the normalized transverse coordinates (u_x, v_x, u_y, v_y) = columns 0-3."""
+        normal = normal.clone()
+        if self.hollow:
+            radius = normal[:, [0, 2]].norm(dim=-1, keepdim=True)
+            normal[:, [0, 2]] *= (radius + self.hollow) / radius
+        for plane, s in enumerate(self.s_shape):
+            if s:
+                normal[:, 2 * plane + 1] += s * normal[:, 2 * plane] ** 3
+        if self.px_tail:
+            normal[:, 1] += self.px_tail * (torch.exp(normal[:, 1]) - math.exp(0.5))
+        if self.halo_fraction:
+            halo = torch.rand(normal.shape[0], generator=generator, dtype=normal.dtype) < self.halo_fraction
+            normal[halo, :4] *= self.halo_scale
+        return normal

@@ -17,6 +17,8 @@ from psr.outputs.plots import plot_ensemble_marginals, plot_ensemble_phase_space
 from psr.outputs.report import PLANES_4D, PLANES_6D, emittance_table
 
 AXES = ("x", "px", "y", "py", "z", "pz")
+# an emittance whose members scatter by more than this (relative std) is reported as not determined by the data
+UNDETERMINED_SPREAD = 0.05
 PROJECTION_BINS = 48
 
 
@@ -56,8 +58,11 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
         values = np.array([t[key] for t in tables])
         row = {"mean": values.mean(), "std": values.std(ddof=1), "relative_std": values.std(ddof=1) / values.mean(),
                "members": values.tolist()}
+        row["band_2std"] = [row["mean"] - 2 * row["std"], row["mean"] + 2 * row["std"]]
+        row["determined"] = bool(row["relative_std"] <= UNDETERMINED_SPREAD)
         if truth is not None:
-            row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1)
+            row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1,
+                       truth_in_band=bool(row["band_2std"][0] <= truth[key] <= row["band_2std"][1]))
         emittances[key] = row
 
     pooled = np.concatenate([m["particles"] for m in members])

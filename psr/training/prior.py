@@ -23,12 +23,12 @@ from lightning.pytorch.utilities import rank_zero_info
 import sim
 from models import GaussianBeam, NormalizingFlowBeam
 from sim.screen import Screen
+from psr.training.moments import moments, without_background
 
 COORDINATES = ("x", "px", "y", "py", "z", "pz")
 UNITS = ("mm", "mrad", "mm", "mrad", "mm", "x 1e-3")  # of 1e3 times the Bmad coordinate
 STEP = 1e-7  # finite-difference step of the linearization [m or 1]
 RCOND = 1e-3  # singular values below this fraction of the largest: a direction the scan does not fix
-NOISE_CUT = 5.0  # pixels within this many standard deviations of the frame's mean are background
 MIN_EIGENVALUE = 1e-2  # smallest eigenvalue of the fitted correlation matrix (|correlation| <= ~0.99)
 
 
@@ -66,32 +66,13 @@ def screen_maps(lattice: sim.Lattice, names: list[str], settings: torch.Tensor, 
     return maps
 
 
-def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CUT) -> torch.Tensor:
-    """Images (B, H, W) minus a flat background: the mean m of each image's outer `frame` pixels is
-    subtracted and pixels not above m + k * (their std) are zeroed. Second moments weight the far
-    pixels most, so pixel noise over a whole screen would swamp them; a noise-free image whose
-    frame is empty is unchanged."""
-    edge = torch.ones_like(images[0], dtype=torch.bool)
-    edge[frame:-frame, frame:-frame] = False
-    border = images[:, edge]
-    mean, std = border.mean(-1)[:, None, None], border.std(-1)[:, None, None]
-    kept = torch.where(images > mean + k * std, images - mean, torch.zeros_like(images))
-    return torch.where(kept.sum((-1, -2), keepdim=True) > 0, kept, images)
-
-
 def image_moments(images: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroids (B, 2) relative to the screen centre [m] and covariances (B, 2, 2) [m^2] of unit-sum
-    images (B, H, W)."""
+    images (B, H, W), without their flat background (`without_background`)."""
     xs, ys = screen.pixel_centres(images.double())
     xs, ys = xs - screen.center[0].double(), ys - screen.center[1].double()
-    images = without_background(images.double())
-    images = images / images.sum((-1, -2), keepdim=True)
-    px, py = images.sum(-2), images.sum(-1)
-    mx, my = px @ xs, py @ ys
-    dx, dy = xs - mx[:, None], ys - my[:, None]
-    cxx, cyy = (px * dx**2).sum(-1), (py * dy**2).sum(-1)
-    cxy = torch.einsum("bhw,bh,bw->b", images, dy, dx)
-    return torch.stack([mx, my], -1), torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
+    centroids, (cxx, cyy, cxy) = moments(without_background(images.double()), xs, ys)
+    return centroids, torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
 
 
 def fit_second_moments(lattice: sim.Lattice, names: list[str], settings: torch.Tensor,

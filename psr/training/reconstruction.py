@@ -9,6 +9,7 @@ from torch import nn
 import sim
 from models import GaussianBeam, as_particles
 from psr.training.alignment import centre_on, centred_screens
+from psr.training.moments import moment_mismatch
 from psr.training.prior import derive_auto_prior
 
 LOSSES = ("l1", "mse")
@@ -36,7 +37,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     generator: a module returning particles (N, 6) (e.g. models.MLPBeamGenerator).
     lr: Adam learning rate, reached linearly over `warmup_steps` (large early Adam steps can throw
     the beam off the screens, where no gradient brings it back), then decayed along a cosine to
-    lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch. The lattice, p0c and species come
+    lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch; moment_weight: weight of
+    `moment_mismatch` (each image's rms sizes and centroid) added to it (0: images only). The lattice, p0c and species come
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
     (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
@@ -60,8 +62,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
-                 prior: nn.Module | str | None = None, prior_width: float = 1.5):
+                 prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0):
         super().__init__()
+        if not (isinstance(moment_weight, (int, float)) and math.isfinite(moment_weight) and moment_weight >= 0):
+            raise ValueError(f"model.moment_weight must be a number >= 0, got {moment_weight!r}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
         if not lr > 0:
@@ -176,6 +180,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if name in self.centred:  # the measured centroids carry no information: fit the shape only
                 mine_predicted = centre_on(mine_predicted, mine_images)
             mean = image_loss(mine_predicted, mine_images, self.hparams.loss)
+            if self.hparams.moment_weight:
+                mean = mean + self.hparams.moment_weight * moment_mismatch(
+                    mine_predicted, mine_images, centroids=name not in self.centred)
             losses.append(mean * (mine / total) if mine != total else mean)
         loss = torch.stack(losses).mean()
         if world > 1:  # DDP needs a gradient (0 where unused) for every parameter from every process

@@ -1,0 +1,89 @@
+"""Hard test beams (S-shapes, halos, hollow beams, long tails), core emittances and the rms-moment term."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sim
+from psr.data.synthetic import SyntheticBeam
+from psr.training.moments import moment_mismatch, moments
+
+P0C = 60e6
+
+
+def normalized(beam: torch.Tensor, emit: float, beta: float, alpha: float):
+    """The x plane's normalized coordinates (u, v) of particles (N, 6)."""
+    u = beam[:, 0] / math.sqrt(emit * beta)
+    return u, beam[:, 1] / math.sqrt(emit / beta) + alpha * u
+
+
+def test_core_emittance_of_a_gaussian_is_the_truncated_gaussians():
+    """For a 2D Gaussian the amplitude J is exponential (mean 2): the 90 % core keeps J <= a = 2 ln 10
+    and its rms emittance is 1 - (1 - f) / f * a / 2 = 0.744 times the whole beam's (any Twiss)."""
+    particles = SyntheticBeam(emittance_x=2e-8, beta_x=7.0, alpha_x=-1.3).sample(400_000, seed=3)
+    beam = sim.ParticleBeam(particles, P0C)
+    f, a = 0.9, 2 * math.log(10)
+    ratio = (beam.core_emittance("x", f) / beam.emittance("x")).item()
+    assert ratio == pytest.approx(1 - (1 - f) / f * a / 2, abs=3e-3)
+    assert beam.core_emittance("x", 1.0).item() == pytest.approx(beam.emittance("x").item(), rel=1e-12)
+    weighted = sim.ParticleBeam(torch.cat([particles, 100 + particles]), P0C,
+                                weights=torch.cat([torch.ones(len(particles)), torch.zeros(len(particles))]))
+    assert weighted.core_emittance("x", f).item() == pytest.approx(beam.core_emittance("x", f).item(), rel=1e-9)
+    with pytest.raises(ValueError, match="fraction"):
+        beam.core_emittance("x", 0.0)
+
+
+def test_a_halo_moves_the_rms_emittance_and_hardly_the_core():
+    """5 % of the particles 3x wider: rms emittance (0.95 + 0.05 * 9) = 1.4x the core's Gaussian, while
+    the 90 % core emittance changes by less than a quarter of that (the halo's 5 % are mostly outside it)."""
+    core = sim.ParticleBeam(SyntheticBeam(emittance_x=1e-8).sample(200_000, seed=1), P0C)
+    halo = sim.ParticleBeam(SyntheticBeam(emittance_x=1e-8, halo_fraction=0.05, halo_scale=3.0).sample(200_000, seed=1), P0C)
+    assert (halo.emittance("x") / core.emittance("x")).item() == pytest.approx(0.95 + 0.05 * 9, rel=0.02)
+    assert (halo.core_emittance("x") / core.core_emittance("x")).item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_hard_beam_shapes_are_what_they_say():
+    """S-shape: v - s u^3 is the Gaussian core; px tail: skewed px; hollow: no particle near the axis."""
+    emit, beta, alpha = 1e-8, 5.0, 1.0
+    plain = SyntheticBeam(emittance_x=emit, beta_x=beta, alpha_x=alpha).sample(20_000, seed=2)
+    s = SyntheticBeam(emittance_x=emit, beta_x=beta, alpha_x=alpha, s_shape_x=0.2).sample(20_000, seed=2)
+    u0, v0 = normalized(plain, emit, beta, alpha)
+    u, v = normalized(s, emit, beta, alpha)
+    torch.testing.assert_close(u, u0)
+    torch.testing.assert_close(v - 0.2 * u**3, v0)
+    tail = SyntheticBeam(emittance_x=emit, beta_x=beta, px_tail=0.3).sample(50_000, seed=2)
+    skew = ((tail[:, 1] - tail[:, 1].mean()) ** 3).mean() / tail[:, 1].std() ** 3
+    assert skew > 1.0 and abs(tail[:, 1].mean()) < 0.05 * tail[:, 1].std()
+    ring = SyntheticBeam(emittance_x=emit, beta_x=beta, emittance_y=emit, beta_y=beta, hollow=1.5).sample(20_000)
+    radius = torch.hypot(ring[:, 0] / math.sqrt(emit * beta), ring[:, 2] / math.sqrt(emit * beta))
+    assert radius.min() >= 1.5
+    with pytest.raises(ValueError, match="halo_fraction"):
+        SyntheticBeam(halo_fraction=1.5)
+
+
+def test_moment_mismatch_sees_a_faint_wide_halo_the_l1_loss_barely_sees():
+    """A core and the same core with 5 % of its intensity spread into a 3x wider halo (peak about
+    0.5 % of the core's): the l1 distance is 0.1 (the halo's share moved), but the second moments
+    differ by 0.05 * (9 - 1) = 40 %, which the moment term reports; identical images give 0; the
+    moments are those of the pixel grid (a Gaussian's centroid and variance)."""
+    y, x = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+
+    def gauss(sx, sy):
+        image = torch.exp(-((x - 62.0) ** 2 / (2 * sx**2) + (y - 65.0) ** 2 / (2 * sy**2)))
+        return image / image.sum()
+
+    core, halo = gauss(3.0, 2.0), 0.95 * gauss(3.0, 2.0) + 0.05 * gauss(9.0, 6.0)
+    centre, (xx, yy, xy) = moments(core[None])
+    cx, cy = centre[0]
+    assert (cx.item(), cy.item()) == pytest.approx((62.0, 65.0), abs=1e-6)
+    assert (xx.item(), yy.item(), xy.item()) == pytest.approx((9.0, 4.0, 0.0), abs=1e-4)
+    l1 = (halo - core).abs().sum().item()
+    assert l1 < 0.11
+    mismatch = moment_mismatch(core[None], halo[None]).item()
+    assert mismatch == pytest.approx(0.4 / 1.4 + 0.4 / 1.4, rel=0.02)  # relative to the measured (halo) moments
+    assert moment_mismatch(halo[None], halo[None]).item() == pytest.approx(0.0, abs=1e-6)
+    shifted = torch.roll(core, 2, dims=-1)
+    assert moment_mismatch(shifted[None], core[None]).item() == pytest.approx(2 / 3, rel=1e-3)
+    assert moment_mismatch(shifted[None], core[None], centroids=False).item() == pytest.approx(0.0, abs=1e-5)
