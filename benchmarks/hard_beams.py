@@ -45,7 +45,10 @@ FAMILY = {
 BEAMLINES = {
     "4d": ("data/quad_scan_4d.simulate.yaml", "configs/quad_scan_4d.yaml", None, (240, 100e-6)),
     "sc": ("data/sc_quad_scan.simulate.yaml", "configs/sc_quad_scan.yaml", None, (200, 120e-6)),
+    # the space-charge beamline without charge, fitted with the same config without space charge
+    "sc0": ("data/sc_quad_scan.simulate.yaml", "configs/sc_quad_scan.yaml", None, (200, 120e-6)),
 }
+FIT_EXTRA = {"sc0": ["--model.space_charge", "null"]}
 KEYS = ("norm_emit_x", "norm_emit_y", "norm_emit_x_core90", "norm_emit_y_core90")
 
 
@@ -56,6 +59,9 @@ def make_scan(folder: Path, beam: str, beamline: str) -> Path:
     for key in ("nonlinear_xy", "nonlinear_pxy"):  # the hard term alone shapes the beam
         init.pop(key, None)
     init.update(FAMILY[beam])
+    if beamline == "sc0":
+        template["charge"] = 0.0
+        template.pop("space_charge", None)
     output = folder / f"{beamline}_{beam}.h5"
     _, _, settings, (pixels, pixel_size) = BEAMLINES[beamline]
     lattice = yaml.safe_load((ROOT / template["lattice"]).read_text())
@@ -96,7 +102,7 @@ def fit(folder: Path, scan: Path, beamline: str, seed: int, extra: list[str], ta
     command = [sys.executable, "-m", "psr.cli", "fit", "--config", str(config), "--data.path", str(scan),
                "--trainer.logger.init_args.save_dir", str(folder / "runs"), "--trainer.logger.init_args.name", name,
                "--trainer.enable_progress_bar", "false", "--seed_everything", str(seed),
-               "--model.generator.init_args.seed", str(seed), *extra]
+               "--model.generator.init_args.seed", str(seed), *FIT_EXTRA.get(beamline, []), *extra]
     start = time.time()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=one_thread())
     wall = time.time() - start

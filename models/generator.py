@@ -79,17 +79,17 @@ class MLPBeamGenerator(nn.Module):
         self.skip = nn.Linear(n_dim, n_dim) if linear_skip else None
         self.register_buffer("scale", scale)
         self.register_buffer("base_samples", self._draw(n_particles, seed))
-        self.tail = None
+        self.tail = self.radial = None
         if tail_skip:
             self.tail = nn.Linear(2 * n_dim, n_dim, bias=False)
             nn.init.zeros_(self.tail.weight)
-            features = self._tail_features(self.base_samples[:, :n_dim], torch.ones(2 * n_dim))
-            self.register_buffer("tail_scale", features.std(0))
+            self.radial = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+            self.register_buffer("cube_scale", self.base_samples[:, :n_dim].pow(3).std(0))
 
-    def _tail_features(self, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """(N, 2 n_dim): b_i^3 and b_i |b|^2 / n_dim, divided by `scale`."""
-        radial = base * base.square().sum(-1, keepdim=True) / base.shape[-1]
-        return torch.cat([base**3, radial], -1) / scale
+    def _tail_features(self, base: torch.Tensor) -> torch.Tensor:
+        """(N, 2 n_dim): b_i^3 (unit rms) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile."""
+        gate = nn.functional.softplus(self.radial(base.square().mean(-1, keepdim=True)))
+        return torch.cat([base**3 / self.cube_scale, base * gate], -1)
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
         """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
@@ -109,7 +109,7 @@ class MLPBeamGenerator(nn.Module):
         if self.skip is not None:
             coords = coords + self.skip(base)
         if self.tail is not None:
-            coords = coords + self.tail(self._tail_features(base, self.tail_scale))
+            coords = coords + self.tail(self._tail_features(base))
         coords = coords * self.scale
         if self.n_dim == 4:
             if self.longitudinal:

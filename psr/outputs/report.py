@@ -44,7 +44,7 @@ def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
 
 
 def format_emittances(rows: dict) -> str:
-    lines = [f"{'':16s} {'reconstructed':>14s} {'true':>12s} {'error':>8s}"]
+    lines = [f"{'':20s} {'reconstructed':>14s} {'true':>12s} {'error':>8s}"]
     for key, row in rows.items():
         if not isinstance(row, dict) or "reconstructed" not in row:
             continue  # notes (dropped_particles, nominal_charge_C): see report_notes
@@ -52,7 +52,7 @@ def format_emittances(rows: dict) -> str:
         err = f"{100 * row['relative_error']:+7.2f}%" if "relative_error" in row else f"{'-':>8s}"
         if "difference_nats" in row:
             err = f"{row['difference_nats']:+5.2f}nat"
-        lines.append(f"{key:16s} {row['reconstructed']:14.4e} {true} {err}")
+        lines.append(f"{key:20s} {row['reconstructed']:14.4e} {true} {err}")
     return "\n".join(lines)
 
 

@@ -15,20 +15,32 @@ from psr.training.prior import derive_auto_prior
 LOSSES = ("l1", "mse")
 
 
-def image_loss(predicted: torch.Tensor, measured: torch.Tensor, kind: str) -> torch.Tensor:
+def image_loss(predicted: torch.Tensor, measured: torch.Tensor, kind: str, pyramid: int = 0) -> torch.Tensor:
     """Mismatch of unit-sum images (B, H, W), averaged over the B images.
 
     "l1": sum of |difference| per image (0 for a perfect match, 2 for disjoint images), averaged.
     "mse": sum of squared differences per image times the pixel count, averaged.
+    pyramid: also compare the images summed over 2x2, 4x4, ... 2^pyramid x 2^pyramid pixel blocks, and
+    average the pyramid+1 mismatches. Where a beam's tails are faint and wide, a model's few tail
+    particles land alone in pixels, and |difference| per pixel is then noise without a pull towards the
+    measured tail; in coarse blocks the tails hold many particles, so the mismatch sees and pulls them.
     """
     diff = predicted - measured
     if diff.shape[0] == 0:
         return predicted.new_zeros(())
-    if kind == "l1":
-        per_image = diff.abs().sum(dim=(-1, -2))
-    else:
-        per_image = diff.square().sum(dim=(-1, -2)) * diff.shape[-1] * diff.shape[-2]
-    return per_image.mean()
+    levels = [diff]
+    for _ in range(pyramid):
+        if min(levels[-1].shape[-2:]) < 4:
+            break
+        block_sums = torch.nn.functional.avg_pool2d(levels[-1].unsqueeze(1), 2, ceil_mode=True, divisor_override=1)
+        levels.append(block_sums.squeeze(1))
+    per_image = 0
+    for level in levels:
+        if kind == "l1":
+            per_image = per_image + level.abs().sum(dim=(-1, -2))
+        else:
+            per_image = per_image + level.square().sum(dim=(-1, -2)) * level.shape[-1] * level.shape[-2]
+    return per_image.mean() / len(levels)
 
 
 class PhaseSpaceReconstruction(L.LightningModule):
@@ -38,7 +50,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     lr: Adam learning rate, reached linearly over `warmup_steps` (large early Adam steps can throw
     the beam off the screens, where no gradient brings it back), then decayed along a cosine to
     lr * lr_final_fraction by the last step. loss: "l1" or "mse" image mismatch; moment_weight: weight of
-    `moment_mismatch` (each image's rms sizes and centroid) added to it (0: images only). The lattice, p0c and species come
+    `moment_mismatch` (each image's rms sizes and centroid) added to it (0: images only); pyramid: coarser
+    levels of the image comparison (`image_loss`). The lattice, p0c and species come
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
     (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
@@ -62,10 +75,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
-                 prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0):
+                 prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
+                 pyramid: int = 0):
         super().__init__()
         if not (isinstance(moment_weight, (int, float)) and math.isfinite(moment_weight) and moment_weight >= 0):
             raise ValueError(f"model.moment_weight must be a number >= 0, got {moment_weight!r}")
+        if not (isinstance(pyramid, int) and 0 <= pyramid <= 8):
+            raise ValueError(f"model.pyramid must be an integer from 0 to 8, got {pyramid!r}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; use one of {LOSSES}")
         if not lr > 0:
@@ -179,7 +195,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             mine_images, mine_predicted = images[rows][measured[name]], predicted[name]
             if name in self.centred:  # the measured centroids carry no information: fit the shape only
                 mine_predicted = centre_on(mine_predicted, mine_images)
-            mean = image_loss(mine_predicted, mine_images, self.hparams.loss)
+            mean = image_loss(mine_predicted, mine_images, self.hparams.loss, self.hparams.pyramid)
             if self.hparams.moment_weight:
                 mean = mean + self.hparams.moment_weight * moment_mismatch(
                     mine_predicted, mine_images, centroids=name not in self.centred)
