@@ -87,3 +87,55 @@ def test_moment_mismatch_sees_a_faint_wide_halo_the_l1_loss_barely_sees():
     shifted = torch.roll(core, 2, dims=-1)
     assert moment_mismatch(shifted[None], core[None]).item() == pytest.approx(2 / 3, rel=1e-3)
     assert moment_mismatch(shifted[None], core[None], centroids=False).item() == pytest.approx(0.0, abs=1e-5)
+
+
+# Two beamlines with screens wide enough (24 mm, 19 mm) for the tails: the shipped 4D example's (60 MeV, 2 m
+# drift) and the space-charge example's without charge (5 MeV, 1.5 m drift); scans of 12 settings.
+BEAMLINES = {
+    "60MeV": ([{"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
+               {"type": "Drift", "name": "D1", "length": 2.0},
+               {"type": "Screen", "name": "YAG", "resolution": [96, 96], "pixel_size": [2.5e-4, 2.5e-4],
+                "psf_sigma": [5e-5, 5e-5]}],
+              60e6, np.linspace(-10, 20, 12), dict(emittance_x=1.7e-8, beta_x=6.0, alpha_x=1.5,
+                                                   emittance_y=1.3e-8, beta_y=4.0, alpha_y=-1.0)),
+    "5MeV": ([{"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
+              {"type": "Drift", "name": "D1", "length": 1.5},
+              {"type": "Screen", "name": "YAG", "resolution": [128, 128], "pixel_size": [1.5e-4, 1.5e-4],
+               "psf_sigma": [5e-5, 5e-5]}],
+             5e6, np.linspace(-20, 24, 12), dict(emittance_x=2e-8, beta_x=5.0, alpha_x=1.0,
+                                                 emittance_y=1.6e-8, beta_y=4.0, alpha_y=-0.5)),
+}
+HARD = {"halo": dict(halo_fraction=0.05, halo_scale=3.0), "s_shaped": dict(s_shape_x=0.5, s_shape_y=0.3)}
+
+
+CASES = [pytest.param("halo", "60MeV"), pytest.param("s_shaped", "60MeV"), pytest.param("s_shaped", "5MeV"),
+         pytest.param("halo", "5MeV", marks=pytest.mark.xfail(strict=True, reason=(
+             "open (issue 15): this reduced fit gives x -3.6 %, y -21 % (core y -12 %) for the halo at 5 MeV")))]
+
+
+@pytest.mark.parametrize("beam, beamline", CASES)
+def test_default_fit_lands_on_the_rms_and_core_emittances_of_hard_beams(beam, beamline, tmp_path):
+    """The shipped 4D config (its defaults: moment term, tail features; 10k particles and 600 steps
+    here) on a halo beam (5 % of the particles 3x wider) and an S-shaped beam: rms emittances within
+    3 %, 90 %-core emittances within 7 % (measured here: rms within 0.6 %, cores 3-5.5 % for the
+    S-shape). Before the fix the halo beam came out ~16 % low (l1 on unit-sum images hardly sees a
+    faint wide halo, and the network could not make one) and the S-shaped one 5-7 % low."""
+    import yaml
+
+    from psr.cli import fit_cli
+    from psr.data.simulate import simulate
+
+    lattice, p0c, settings, twiss = BEAMLINES[beamline]
+    (tmp_path / "lattice.yaml").write_text(yaml.safe_dump(lattice))
+    path = simulate(str(tmp_path / "scan.h5"), str(tmp_path / "lattice.yaml"), {"Q1.k1": settings.tolist()},
+                    p0c=p0c, beam=SyntheticBeam(**twiss, **HARD[beam]), n_particles=50_000, charge=1e-10, seed=4)
+    cli = fit_cli(args=[
+        "fit", "--config", "configs/quad_scan_4d.yaml", f"--data.path={path}", "--data.steps_per_epoch=50",
+        "--trainer.max_epochs=12", "--model.generator.init_args.n_particles=10000",
+        "--model.generator.init_args.scale=[1e-3, 1e-4, 1e-3, 1e-4]" if p0c < 1e7 else "--seed_everything=0",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    rows = __import__("json").loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
+    errors = {key: round(100 * rows[key]["relative_error"], 2) for key in
+              ("norm_emit_x", "norm_emit_y", "norm_emit_x_core90", "norm_emit_y_core90")}
+    assert abs(errors["norm_emit_x"]) < 3 and abs(errors["norm_emit_y"]) < 3, errors
+    assert abs(errors["norm_emit_x_core90"]) < 7 and abs(errors["norm_emit_y_core90"]) < 7, errors

@@ -195,15 +195,20 @@ class PhaseSpaceReconstruction(L.LightningModule):
             mine_images, mine_predicted = images[rows][measured[name]], predicted[name]
             if name in self.centred:  # the measured centroids carry no information: fit the shape only
                 mine_predicted = centre_on(mine_predicted, mine_images)
-            mean = image_loss(mine_predicted, mine_images, self.hparams.loss, self.hparams.pyramid)
-            if self.hparams.moment_weight:
-                mean = mean + self.hparams.moment_weight * moment_mismatch(
-                    mine_predicted, mine_images, centroids=name not in self.centred)
+            mean = self.screen_mismatch(name, mine_predicted, mine_images)
             losses.append(mean * (mine / total) if mine != total else mean)
         loss = torch.stack(losses).mean()
         if world > 1:  # DDP needs a gradient (0 where unused) for every parameter from every process
             loss = loss + sum(0.0 * p.sum() for p in self.parameters() if p.requires_grad)
         return loss
+
+    def screen_mismatch(self, name: str, predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+        """The mismatch of screen `name`'s predicted and measured unit-sum images (B, H, W), mean over B:
+        the image loss plus moment_weight times the rms-moment mismatch."""
+        mean = image_loss(predicted, measured, self.hparams.loss, self.hparams.get("pyramid", 0))
+        if self.hparams.get("moment_weight", 0.0):
+            mean = mean + self.hparams.moment_weight * moment_mismatch(predicted, measured, centroids=name not in self.centred)
+        return mean
 
     def _rank_and_world(self) -> tuple[int, int]:
         """(global rank, number of processes) of this process in its trainer; (0, 1) without one."""

@@ -144,14 +144,12 @@ class DivergenceGuard(Callback):
 
     def _mismatch_of_nothing(self, pl_module, batch) -> float:
         """The image mismatch when every predicted image is empty (the beam on no screen)."""
-        from psr.training.reconstruction import image_loss
-
         key = tuple(img.data_ptr() for img in batch["images"].values())
         if self._empty_loss is None or self._empty_loss[0] != key:
             losses = []
             for name, images in batch["images"].items():
                 measured = images[batch["measured"][name]]
-                losses.append(float(image_loss(torch.zeros_like(measured), measured, pl_module.hparams.loss)))
+                losses.append(float(pl_module.screen_mismatch(name, torch.zeros_like(measured), measured)))
             self._empty_loss = (key, sum(losses) / len(losses))
         return self._empty_loss[1]
 
