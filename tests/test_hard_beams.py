@@ -91,19 +91,19 @@ def test_moment_mismatch_sees_a_faint_wide_halo_the_l1_loss_barely_sees():
 
 # Two beamlines with screens wide enough (24 mm, 19 mm) for the tails: the shipped 4D example's (60 MeV, 2 m
 # drift) and the space-charge example's without charge (5 MeV, 1.5 m drift); scans of 12 settings.
-BEAMLINES = {
-    "60MeV": ([{"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
-               {"type": "Drift", "name": "D1", "length": 2.0},
-               {"type": "Screen", "name": "YAG", "resolution": [96, 96], "pixel_size": [2.5e-4, 2.5e-4],
-                "psf_sigma": [5e-5, 5e-5]}],
-              60e6, np.linspace(-10, 20, 12), dict(emittance_x=1.7e-8, beta_x=6.0, alpha_x=1.5,
-                                                   emittance_y=1.3e-8, beta_y=4.0, alpha_y=-1.0)),
-    "5MeV": ([{"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
-              {"type": "Drift", "name": "D1", "length": 1.5},
-              {"type": "Screen", "name": "YAG", "resolution": [128, 128], "pixel_size": [1.5e-4, 1.5e-4],
-               "psf_sigma": [5e-5, 5e-5]}],
-             5e6, np.linspace(-20, 24, 12), dict(emittance_x=2e-8, beta_x=5.0, alpha_x=1.0,
-                                                 emittance_y=1.6e-8, beta_y=4.0, alpha_y=-0.5)),
+def quad_drift_screen(drift: float, pixels: int, pixel_size: float) -> list[dict]:
+    """A quadrupole, a drift [m] and a square screen of `pixels` of `pixel_size` [m]."""
+    return [{"type": "Quadrupole", "name": "Q1", "length": 0.1, "k1": 0.0},
+            {"type": "Drift", "name": "D1", "length": drift},
+            {"type": "Screen", "name": "YAG", "resolution": [pixels, pixels], "pixel_size": [pixel_size] * 2,
+             "psf_sigma": [5e-5, 5e-5]}]
+
+
+BEAMLINES = {  # lattice, p0c [eV], Q1.k1 settings [1/m^2], the core's Twiss
+    "60MeV": (quad_drift_screen(2.0, 96, 2.5e-4), 60e6, np.linspace(-10, 20, 12),
+              dict(emittance_x=1.7e-8, beta_x=6.0, alpha_x=1.5, emittance_y=1.3e-8, beta_y=4.0, alpha_y=-1.0)),
+    "5MeV": (quad_drift_screen(1.5, 128, 1.5e-4), 5e6, np.linspace(-20, 24, 12),
+             dict(emittance_x=2e-8, beta_x=5.0, alpha_x=1.0, emittance_y=1.6e-8, beta_y=4.0, alpha_y=-0.5)),
 }
 HARD = {"halo": dict(halo_fraction=0.05, halo_scale=3.0), "s_shaped": dict(s_shape_x=0.5, s_shape_y=0.3)}
 
