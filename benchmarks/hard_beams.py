@@ -48,7 +48,9 @@ BEAMLINES = {
     # the space-charge beamline without charge, fitted with the same config without space charge
     "sc0": ("data/sc_quad_scan.simulate.yaml", "configs/sc_quad_scan.yaml", None, (200, 120e-6)),
 }
-FIT_EXTRA = {"sc0": ["--model.space_charge", "null"]}
+# the shipped space-charge config leaves the hard-beam options off (README "Hard beams"): they are added here
+HARD_OPTIONS = ["--model.generator.init_args.tail_skip", "true", "--model.moment_weight", "0.3"]
+FIT_EXTRA = {"sc0": ["--model.space_charge", "null", *HARD_OPTIONS], "sc": HARD_OPTIONS}
 KEYS = ("norm_emit_x", "norm_emit_y", "norm_emit_x_core90", "norm_emit_y_core90")
 
 
