@@ -35,9 +35,9 @@ class MLPBeamGenerator(nn.Module):
     fresh base samples for that count. linear_skip adds a linear map of the base samples to the
     network output, so the beam's tails can grow linearly (a bounded tanh/MLP output clips them
     and underestimates rms emittances of beams with long tails). tail_skip adds a linear map (zero at
-    the start) of third-order features of the base samples b, b_i^3 and b_i |b|^2 (each scaled to
-    unit rms over the base samples), so tails can grow as fast as in S-shaped phase spaces
-    (third-order aberrations) and halos: a SiLU network with a linear skip grows at most linearly.
+    the start) of tail features of the base samples b: b_i^3 (unit rms; S-shaped phase spaces, as
+    third-order aberrations give) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile (halos), so
+    tails can grow faster than linearly: a SiLU network with a linear skip grows at most linearly.
     """
 
     def __init__(

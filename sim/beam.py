@@ -120,11 +120,9 @@ class ParticleBeam:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         i, j = PLANES[plane]
-        coords = self.particles[..., [i, j]]
-        weights = self._unit_weights() if self.weights is not None else torch.full_like(coords[..., :1], 1 / self.n_particles)
-        mean = (weights * coords).sum(-2, keepdim=True)
-        centred = coords - mean
-        cov = (centred * weights).transpose(-1, -2) @ centred
+        centred = self.particles[..., [i, j]] - self.mean()[..., [i, j]].unsqueeze(-2)
+        cov = self.cov()[..., [i, j], :][..., :, [i, j]]
+        weights = self._unit_weights() if self.weights is not None else torch.full_like(centred[..., :1], 1 / self.n_particles)
         amplitude = (centred @ torch.linalg.pinv(cov) * centred).sum(-1)  # (..., N)
         order = amplitude.argsort(-1)
         sorted_weights = weights.squeeze(-1).gather(-1, order)
