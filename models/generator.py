@@ -38,6 +38,10 @@ class MLPBeamGenerator(nn.Module):
     the start) of tail features of the base samples b: b_i^3 (unit rms; S-shaped phase spaces, as
     third-order aberrations give) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile (halos), so
     tails can grow faster than linearly: a SiLU network with a linear skip grows at most linearly.
+    centred: the beam's transverse centroid (x, px, y, py) is held at zero, the design orbit (the
+    particles' mean is subtracted): for an incoming orbit known from upstream beam-position monitors.
+    Where magnet offsets and screen centres are fitted (`model.calibrate`), the incoming orbit is
+    otherwise one more unknown the images cannot tell apart from them.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class MLPBeamGenerator(nn.Module):
         seed: int = 0,
         longitudinal: Sequence[float] | None = None,
         tail_skip: bool = False,
+        centred: bool = False,
     ):
         super().__init__()
         if n_dim not in (4, 6):
@@ -70,6 +75,7 @@ class MLPBeamGenerator(nn.Module):
         self.n_dim = n_dim
         self.seed = seed
         self.longitudinal = longitudinal
+        self.centred = centred
         layers, width_in = [], n_dim
         for _ in range(hidden_layers):
             layers += [nn.Linear(width_in, hidden_width), ACTIVATIONS[activation]()]
@@ -111,6 +117,8 @@ class MLPBeamGenerator(nn.Module):
         if self.tail is not None:
             coords = coords + self.tail(self._tail_features(base))
         coords = coords * self.scale
+        if self.centred:
+            coords = torch.cat([coords[:, :4] - coords[:, :4].mean(0), coords[:, 4:]], -1)
         if self.n_dim == 4:
             if self.longitudinal:
                 longitudinal = extra * torch.tensor(self.longitudinal, dtype=extra.dtype, device=extra.device)

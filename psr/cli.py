@@ -126,7 +126,7 @@ class PsrCLI(LightningCLI):
         self._write_outputs(self.trainer.global_step)
 
     def _write_outputs(self, step: int) -> None:
-        from psr.outputs.report import format_emittances, report_notes, write_report
+        from psr.outputs.report import format_calibration, format_emittances, report_notes, write_report
 
         elapsed = time.perf_counter() - self._fit_started
         run_dir = self.trainer.log_dir or "."
@@ -140,6 +140,8 @@ class PsrCLI(LightningCLI):
         print(format_emittances(rows))
         for note in report_notes(rows):
             print(note)
+        if len(self.model.calibration):
+            print(format_calibration(self.model.calibration.report()))
         print(f"run folder: {run_dir}")
 
 
@@ -280,6 +282,10 @@ def print_ensemble_summary(folder: Path) -> None:
                                              f"{100 * UNDETERMINED_SPREAD:g} %)")
         print(f"{key}: mean +- 2 std = [{low:.4e}, {high:.4e}]{verdict}{note}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
+    if summary.get("calibration"):
+        from psr.outputs.report import format_calibration
+
+        print(format_calibration(summary["calibration"]).replace("calibration:", "calibration (members' mean):"))
     if summary.get("entropy_nats"):
         print(f"entropy: {summary['entropy_nats']['mean']:.3f} +- {summary['entropy_nats']['std']:.3f} nats")
     print(f"ensemble folder: {folder}")

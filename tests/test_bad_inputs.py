@@ -153,6 +153,21 @@ CATALOGUE = [
     ("space-charge-without-charge", lambda t, s: fit(t, edited(t, s, lambda h: h.attrs.modify("charge", 0.0)),
                                                      "--model.space_charge={grid_shape: [8, 8, 8], max_step: 0.5}"),
      ["space_charge", "charge"]),
+    # model.calibrate (DESIGN.md "Calibration")
+    ("calibrate-unknown-element", lambda t, s: fit(t, s, "--model.calibrate={Q9.k1: {kind: scale}}"),
+     ["model.calibrate", "Q9.k1", "no element named 'Q9'"]),
+    ("calibrate-unknown-parameter", lambda t, s: fit(t, s, "--model.calibrate={Q1.k7: {kind: scale}}"),
+     ["model.calibrate", "Q1.k7", "no parameter 'k7'"]),
+    ("calibrate-unknown-kind", lambda t, s: fit(t, s, "--model.calibrate={Q1.k1: {kind: stretch}}"),
+     ["Q1.k1", "unknown kind 'stretch'", "scale"]),
+    ("calibrate-shape", lambda t, s: fit(t, s, "--model.calibrate={YAG.center: {kind: offset, init: [0, 0, 0]}}"),
+     ["YAG.center", "shape (3,)", "(2,)"]),
+    ("calibrate-scanned-shape", lambda t, s: fit(t, s, "--model.calibrate={Q1.k1: {kind: scale, init: [1, 1]}}"),
+     ["Q1.k1", "shape (2,)", "one value per setting"]),
+    ("calibrate-prior-sigma", lambda t, s: fit(t, s, "--model.calibrate={Q1.k1: {kind: scale, prior_sigma: -1}}"),
+     ["Q1.k1", "prior_sigma", "positive"]),
+    ("simulate-machine-unknown-parameter", lambda t, s: simulate_args(
+        t, lattice_file(t, LATTICE), '--machine={Q1.x_off: {kind: offset, value: 1.0e-3}}'), ["machine", "Q1.x_off"]),
     ("output-under-a-file", lambda t, s: (t / "afile").write_text("x") and fit(
         t, s, f"--trainer.logger.init_args.save_dir={t / 'afile' / 'runs'}"), ["afile", "is a file"]),
     ("output-unwritable", lambda t, s: fit(t, s, "--trainer.logger.init_args.save_dir=/proc/psr-runs"),

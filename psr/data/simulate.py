@@ -8,6 +8,7 @@ import torch
 
 import sim
 
+from psr.data.calibration import apply_corrections, parse_corrections
 from psr.data.openpmd import read_openpmd
 from psr.data.scanfile import ScanData, ScreenData, write_scan
 from psr.data.synthetic import SyntheticBeam
@@ -66,6 +67,7 @@ def simulate(
     seed: int = 0,
     measure: dict[str, dict[str, float]] | None = None,
     space_charge: dict | None = None,
+    machine: dict[str, dict] | None = None,
 ) -> Path:
     """Track a ground-truth beam through `lattice` (a lattice file) at every setting and write a scan file.
 
@@ -87,6 +89,10 @@ def simulate(
             its image is NaN (not measured) elsewhere. Screens not named are measured everywhere.
         space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k} to track with 3D space charge
             of `charge` (see `sim.SpaceCharge`); None: off.
+        machine: how the simulated machine differs from its model, e.g. {"Q1.k1": {"kind": "scale", "value":
+            0.93}, "Q2.x_offset": {"kind": "offset", "value": 5e-4}, "YAG.center": {"kind": "offset", "value":
+            [3e-4, 0]}} (as `model.calibrate`, DESIGN.md "Calibration"): the images are made with the corrected
+            values; the scan file keeps the nominal lattice and settings, as a real machine's would.
     """
     if (beam is None) == (beam_file is None):
         raise ValueError("give exactly one of beam (a synthetic beam) or beam_file (an openPMD file)")
@@ -111,6 +117,7 @@ def simulate(
     if not lat.screens:
         raise ValueError(f"{lattice}: the lattice has no Screen, so there is nothing to image")
     names, table = scan_settings(settings, grid)
+    corrections = parse_corrections(machine, lat, names, where="machine", value_key="value", extra_keys=())
     if beam is not None:
         check_memory(SIMULATE_BYTES_PER_PARTICLE_SETTING * n_particles * len(table),
                      f"n_particles={n_particles} at {len(table)} setting(s)")
@@ -122,6 +129,7 @@ def simulate(
     truth = sim.ParticleBeam(particles.to(torch.float64), p0c=p0c, species=species, charge=charge)
     lat = lat.to(torch.float64)
     values = {n: torch.as_tensor(table[:, i]) for i, n in enumerate(names)}
+    values = apply_corrections(values, lat, corrections, [torch.as_tensor(c.value0) for c in corrections])
     with torch.no_grad():
         images = lat(truth, values).images
     rng = np.random.default_rng(seed)

@@ -30,7 +30,8 @@ def _member_data(folder: Path) -> dict:
     with h5py.File(folder / "predicted_images.h5", "r") as handle:
         images = {name: handle[name][...] for name in handle}
     report = json.loads((folder / "emittances.json").read_text()) if (folder / "emittances.json").exists() else {}
-    return {"path": config["data"]["path"], "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
+    calibration = json.loads((folder / "calibration.json").read_text()) if (folder / "calibration.json").exists() else None
+    return {"calibration": calibration, "path": config["data"]["path"], "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
             "particles": read_openpmd(folder / "beam.h5").particles, "images": images,
             "entropy": report.get("entropy_nats", {}).get("reconstructed")}
 
@@ -39,9 +40,20 @@ def _spread(stack: np.ndarray) -> dict:
     return {"mean": stack.mean(0), "std": stack.std(0, ddof=1)}
 
 
+def calibration_spread(calibrations: list[dict]) -> dict:
+    """The members' calibration.json rows with the mean (`value`), std and member values of each entry."""
+    rows = {}
+    for name, first in calibrations[0].items():
+        values = np.array([c[name]["value"] for c in calibrations], dtype=np.float64)
+        rows[name] = {**first, "value": values.mean(0).tolist(), "std": values.std(0, ddof=1).tolist(),
+                      "members": values.tolist()}
+    return rows
+
+
 def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
-    """Mean and spread over members of emittances, 1D/2D phase-space projections and predicted images;
-    writes ensemble_emittances.json, ensemble_projections.h5 and plots into `folder`."""
+    """Mean and spread over members of emittances, 1D/2D phase-space projections, predicted images and the
+    calibration (where fitted); writes ensemble_emittances.json, ensemble_projections.h5, calibration.json
+    (the members' mean as `value`, their `std`) and plots into `folder`."""
     members = [_member_data(Path(d)) for d in member_dirs]
     if len(members) < 2:
         raise ValueError(f"{folder}: an ensemble summary needs at least 2 members, found {len(members)}")
@@ -86,6 +98,11 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
                                 "members": entropies} if len(entropies) == len(members) else None,
                "projection_spread": projection_spread,
                "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
+    calibrations = [m["calibration"] for m in members]
+    if all(calibrations) and len({tuple(c) for c in calibrations}) == 1:
+        summary["calibration"] = calibration_spread(calibrations)
+        with atomic_target(folder / "calibration.json") as tmp:
+            tmp.write_text(json.dumps(summary["calibration"], indent=2))
     with atomic_target(folder / "ensemble_emittances.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     _write_projections(folder / "ensemble_projections.h5", ranges, marginals, projections, images)

@@ -123,8 +123,8 @@ def report_notes(rows: dict) -> list[str]:
 
 @torch.no_grad()
 def write_report(model, datamodule, run_dir) -> dict:
-    """Write beam.h5, emittances.json and PNG plots into run_dir (each file atomically); return the
-    emittance comparison and the notes of `write_beam`."""
+    """Write beam.h5, emittances.json, calibration.json (with `model.calibrate`) and PNG plots into run_dir
+    (each file atomically); return the emittance comparison and the notes of `write_beam`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
@@ -146,6 +146,10 @@ def write_report(model, datamodule, run_dir) -> dict:
     rows.update(notes)
     with atomic_target(run_dir / "emittances.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
+    calibration = model.calibration.report() if len(getattr(model, "calibration", ())) else None
+    if calibration:
+        with atomic_target(run_dir / "calibration.json") as tmp:
+            tmp.write_text(json.dumps(calibration, indent=2))
 
     settings = datamodule.settings.to(model.device)
     predicted = model.predict_images(settings, beam)
@@ -170,3 +174,20 @@ def write_report(model, datamodule, run_dir) -> dict:
     plot_phase_space(run_dir / "phase_space.png", beams, pairs)
     plot_loss(run_dir / "loss.png", run_dir / "metrics.csv")
     return rows
+
+
+def format_calibration(rows: dict) -> str:
+    """calibration.json rows as lines `name (kind): value (init ...)`, with the ensemble spread where given."""
+    lines = ["calibration:"]
+    for name, row in rows.items():
+        text = f"  {name} ({row['kind']}): {_numbers(row['value'])} (init {_numbers(row['init'])}"
+        if "std" in row:
+            text += f"; members' std {_numbers(row['std'])}"
+        lines.append(text + ")")
+    return "\n".join(lines)
+
+
+def _numbers(value) -> str:
+    array = np.atleast_1d(np.asarray(value, dtype=float))
+    text = ", ".join(f"{v:.6g}" for v in array)
+    return text if np.ndim(value) == 0 else f"[{text}]"

@@ -9,6 +9,7 @@ from torch import nn
 import sim
 from models import GaussianBeam, as_particles
 from psr.training.alignment import centre_on, centred_screens
+from psr.training.calibration import Calibration
 from psr.training.moments import moment_mismatch
 from psr.training.prior import derive_auto_prior
 
@@ -70,14 +71,26 @@ class PhaseSpaceReconstruction(L.LightningModule):
     `psr.training.PenaltySchedule` raises mu stage by stage until D falls under a threshold.
     "train_loss" stays the image mismatch D; the objective is logged as "train_objective", the
     entropy as "entropy" and mu as "penalty".
+
+    calibrate: machine parameters fitted with the beam (DESIGN.md "Calibration"), e.g.
+    {"Q1.k1": {"kind": "scale", "init": 1.0, "prior_sigma": 0.05}, "YAG.center": {"kind": "offset"}}
+    (`psr.training.calibration`); an optional `step` per entry is the value's unit of change in the fit.
+    calibration_prior_weight: what the Gaussian priors cost against the image mismatch (one sigma:
+    half of it); the penalty is logged as "calibration_prior".
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
-                 pyramid: int = 0):
+                 pyramid: int = 0, calibrate: dict[str, dict] | None = None,
+                 calibration_prior_weight: float = 0.01):
         super().__init__()
+        if calibrate is not None and not isinstance(calibrate, dict):
+            raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
+                             f"init: ...}}, got {calibrate!r}")
+        if not (isinstance(calibration_prior_weight, (int, float)) and calibration_prior_weight >= 0):
+            raise ValueError(f"model.calibration_prior_weight must be a number >= 0, got {calibration_prior_weight!r}")
         if not (isinstance(moment_weight, (int, float)) and math.isfinite(moment_weight) and moment_weight >= 0):
             raise ValueError(f"model.moment_weight must be a number >= 0, got {moment_weight!r}")
         if not (isinstance(pyramid, int) and 0 <= pyramid <= 8):
@@ -116,6 +129,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.save_hyperparameters(ignore=["generator", "prior"])
         self.generator = generator
         self.prior = prior
+        self.calibration = Calibration(calibrate, calibration_prior_weight)
         self.register_buffer("penalty", torch.tensor(float(entropy_penalty or 0.0), dtype=torch.float64))
         if self.auto_prior:  # saved with checkpoints: a restored model keeps the prior it was fitted with
             self.register_buffer("prior_derived", torch.tensor(False))
@@ -137,6 +151,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.lattice = sim.Lattice.from_list(items, space_charge=space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
+        self.calibration.bind(self.lattice, self.setting_names, scan.settings)
         self.centred = centred_screens(scan)
 
     def setup(self, stage: str) -> None:
@@ -159,6 +174,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         only the images of the measured settings, (M, H, W) per screen."""
         beam = beam if beam is not None else self.beam()
         values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
+        values = self.calibration(values, self.lattice)
         return self.lattice(beam, values, screen_rows=measured).images
 
     @property
@@ -239,7 +255,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             share = self._loss(batch, share=True)
             loss = self._sum_over_processes(share)
             self.log("train_loss", loss, prog_bar=True)
-            return self._distributed(share, loss)
+            return self._with_calibration_prior(self._distributed(share, loss))
         particles, entropy = self.relative_entropy()  # the same beam in every process
         share = self._loss(batch, sim.ParticleBeam(particles, self.p0c, self.species, self.charge), share=True)
         mismatch = self._sum_over_processes(share)
@@ -247,7 +263,18 @@ class PhaseSpaceReconstruction(L.LightningModule):
         objective = -entropy + penalty * self._distributed(share, mismatch)
         self.log("train_loss", mismatch, prog_bar=True)
         self.log_dict({"train_objective": objective.detach(), "entropy": entropy.detach(), "penalty": self.penalty.float()})
-        return objective
+        return self._with_calibration_prior(objective)
+
+    def _with_calibration_prior(self, objective: torch.Tensor) -> torch.Tensor:
+        """The objective plus the calibration's Gaussian priors (every process adds them: DDP averages); logs
+        the calibrated values (metrics.csv columns `calibration/<name>[<i>]`)."""
+        if len(self.calibration):
+            self.log_dict(self.calibration.scalars())
+        prior = self.calibration.prior_penalty()
+        if prior is None:
+            return objective
+        self.log("calibration_prior", prior.detach())
+        return objective + prior.to(objective.dtype)
 
     def validation_step(self, batch, batch_idx):
         share = self._loss(batch, share=True)  # one validation batch (the held-out settings) per epoch
