@@ -1,6 +1,8 @@
 """psr.models: neural networks (beam generators, neural lattice elements). May import sim."""
 
+from .elements import NEURAL_ELEMENT_TYPES, ResidualElement, SectionMap, element_types
 from .flow import GaussianBeam, NormalizingFlowBeam, as_particles
 from .generator import MLPBeamGenerator
 
-__all__ = ["GaussianBeam", "MLPBeamGenerator", "NormalizingFlowBeam", "as_particles"]
+__all__ = ["GaussianBeam", "MLPBeamGenerator", "NEURAL_ELEMENT_TYPES", "NormalizingFlowBeam", "ResidualElement",
+           "SectionMap", "as_particles", "element_types"]

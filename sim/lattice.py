@@ -61,8 +61,9 @@ class Lattice(nn.Module):
     Consecutive elements that act as matrices (linear tracking, no misalignment) are multiplied
     into one matrix per setting before it touches the particles: a screen transforms only x and y
     (two rows of the matrix), and the final beam is computed when `TrackResult.beam` is first read.
-    Other elements (kick_drift or chromatic tracking, offsets, cavities) take the particles
-    themselves; an RF cavity changes the reference momentum p0c for the elements after it.
+    Other elements (kick_drift or chromatic tracking, offsets, cavities, and elements of other kinds
+    with a `track(particles, p0c, species, overrides)` method, such as the neural elements of models/) take
+    the particles themselves; an RF cavity changes the reference momentum p0c for the elements after it.
     An aperture reads x, y like a screen (through the fused matrix) and multiplies the particles'
     survival weights (..., N); screens then image, and `TrackResult.beam` weights, the survivors.
     """
@@ -79,8 +80,10 @@ class Lattice(nn.Module):
         self.elements = nn.ModuleList(elements)
 
     @classmethod
-    def from_list(cls, items: list[dict], space_charge=None) -> "Lattice":
-        """Build from lattice-file entries `{type: ..., name: ..., <parameters>}`."""
+    def from_list(cls, items: list[dict], space_charge=None, element_types: dict | None = None) -> "Lattice":
+        """Build from lattice-file entries `{type: ..., name: ..., <parameters>}`; element_types: more types
+        (name -> constructor), e.g. the neural elements of models/, which sim does not know."""
+        types = {**ELEMENT_TYPES, **(element_types or {})}
         if not isinstance(items, (list, tuple)):
             raise ValueError(f"a lattice must be a list of elements, got {type(items).__name__}")
         if not items:
@@ -91,23 +94,23 @@ class Lattice(nn.Module):
                 raise ValueError(f"lattice entry {index} must be a mapping with a 'type', got {item!r}")
             item = dict(item)
             kind = item.pop("type")
-            if kind not in ELEMENT_TYPES:
+            if kind not in types:
                 raise ValueError(
                     f"lattice entry {index} ({item.get('name', '?')}): unknown element type {kind!r}; "
-                    f"known types: {', '.join(ELEMENT_TYPES)}"
+                    f"known types: {', '.join(types)}"
                 )
             item.setdefault("name", f"{kind}_{index}")
             try:
-                elements.append(ELEMENT_TYPES[kind](**item))
+                elements.append(types[kind](**item))
             except TypeError as err:
                 raise ValueError(f"lattice entry {index} ({item['name']}): {err}") from None
         return cls(elements, space_charge=space_charge)
 
     @classmethod
-    def from_file(cls, path, space_charge=None) -> "Lattice":
+    def from_file(cls, path, space_charge=None, element_types: dict | None = None) -> "Lattice":
         """Build from a YAML or JSON lattice file."""
         text = Path(path).read_text()
-        return cls.from_list(load_lattice_text(text, str(path)), space_charge=space_charge)
+        return cls.from_list(load_lattice_text(text, str(path)), space_charge=space_charge, element_types=element_types)
 
     @classmethod
     def from_cheetah(cls, segment, space_charge=None) -> "Lattice":
@@ -198,7 +201,12 @@ class Lattice(nn.Module):
                 survival = element.survival(*_apply_xy(particles, matrix), overrides)
                 weights = survival if weights is None else weights * survival
             elif not isinstance(element, LinearElement):
-                raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
+                if not callable(getattr(element, "track", None)):
+                    raise TypeError(f"cannot track through {type(element).__name__} {element.name}")
+                # another kind of element (a neural one): tracked whole, particle by particle; with space
+                # charge on, no kicks inside (a learned map of a section holds its collective effects)
+                particles, p0c = element.track(_apply(particles, matrix), p0c, beam.species, overrides)
+                matrix = None
             elif self.space_charge is None or beam.charge == 0:
                 particles, matrix, p0c = _step(element, overrides, particles, matrix, p0c, beam.species)
             else:

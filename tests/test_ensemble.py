@@ -91,7 +91,7 @@ def test_summary_rejects_members_of_different_scans(ensembles, tmp_path):
 
 def test_member_arguments_set_both_seeds():
     args = member_arguments(["--config", "c.yaml"], 7, "ens/member_2")
-    assert args[:3] == ["fit", "--config", "c.yaml"]
+    assert args[:4] == ["fit", "--model.calibration_start=random", "--config", "c.yaml"]  # a config may override it
     assert "--seed_everything=7" in args and "--model.generator.init_args.seed=7" in args
     assert "--trainer.logger.init_args.version=ens/member_2" in args
 

@@ -20,6 +20,7 @@ import sim
 from sim.lattice import load_lattice_text
 
 from psr.data.atomic import atomic_target
+from psr.data.lattices import build_lattice
 from psr.data.openpmd import check_particles, read_openpmd, write_bunch
 
 FORMAT, VERSION = "scan", 1
@@ -67,6 +68,7 @@ class ScanData:
     charge: float = 0.0
     ground_truth: np.ndarray | None = field(default=None, repr=False)
     provenance: dict[str, str] | None = field(default=None, repr=False)
+    folder: str | None = field(default=None, repr=False, compare=False)  # where the file is: neural weights are relative to it
 
     @property
     def lattice_yaml(self) -> str:
@@ -118,7 +120,7 @@ def validate_scan(scan: ScanData, source: str = "scan") -> sim.Lattice:
     if not (np.isfinite(charge) and charge >= 0):
         fail(f"charge is a magnitude in coulombs and must be >= 0, got {scan.charge}")
     try:
-        lattice = sim.Lattice.from_list(scan.lattice)
+        lattice = build_lattice(scan.lattice, scan.folder if scan.folder is not None else Path(source).parent)
     except (ValueError, TypeError, KeyError) as err:
         fail(f"/lattice is not a valid lattice: {err}")
 
@@ -290,7 +292,7 @@ def read_scan(path) -> ScanData:
             )
         scan = ScanData(
             lattice=lattice_items, settings=np.asarray(settings_node[()], dtype=np.float64), setting_names=names,
-            screens=screens, p0c=p0c, species=_text(species), charge=charge,
+            screens=screens, p0c=p0c, species=_text(species), charge=charge, folder=str(Path(path).parent),
         )
         scan.p0c, scan.charge = _float(p0c, "p0c", fail), _float(charge, "charge", fail)
         if isinstance(handle.get("provenance"), h5py.Group):

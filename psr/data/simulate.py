@@ -9,6 +9,7 @@ import torch
 import sim
 
 from psr.data.calibration import apply_corrections, parse_corrections
+from psr.data.lattices import build_lattice, rebase_weights
 from psr.data.openpmd import read_openpmd
 from psr.data.scanfile import ScanData, ScreenData, write_scan
 from psr.data.synthetic import SyntheticBeam
@@ -111,7 +112,7 @@ def simulate(
     if space_charge is not None and not charge:
         raise ValueError("space_charge is set but charge is 0: give the bunch charge [C]")
     try:
-        lat = sim.Lattice.from_list(lattice_items, space_charge=space_charge)
+        lat = build_lattice(lattice_items, Path(lattice).parent, space_charge)
     except ValueError as err:
         raise ValueError(f"{lattice}: {err}") from None
     if not lat.screens:
@@ -147,7 +148,7 @@ def simulate(
             center=tuple(screen.center.tolist()),
         )
     scan = ScanData(
-        lattice=lattice_items, settings=table, setting_names=names, screens=screens,
+        lattice=rebase_weights(lattice_items, Path(lattice).parent, Path(output).parent), settings=table, setting_names=names, screens=screens,
         p0c=float(p0c), species=species, charge=float(charge), ground_truth=particles.numpy(),
     )
     Path(output).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ from torch import nn
 from psr.data.calibration import Correction, apply_corrections, parse_corrections
 
 
+STARTS = ("init", "random")  # where the fit starts: at init, or at init + step * N(0, 1) (ensemble members)
+
+
 def _key(name: str) -> str:
     return name.replace(".", ":")  # a module's parameter names may not hold dots
 
@@ -22,10 +25,13 @@ class Calibration(nn.Module):
     """The trainable corrections of `model.calibrate` {name: {kind, init, prior_sigma, step}}; built
     against the lattice and setting names of a scan file by `bind` (before the optimizer is made)."""
 
-    def __init__(self, spec: dict | None, prior_weight: float = 0.01):
+    def __init__(self, spec: dict | None, prior_weight: float = 0.01, start: str = "init"):
         super().__init__()
+        if start not in STARTS:
+            raise ValueError(f"model.calibration_start must be one of {list(STARTS)}, got {start!r}")
         self.spec = dict(spec or {})
         self.prior_weight = prior_weight
+        self.start = start
         self.corrections: list[Correction] = []
         self.theta = nn.ParameterDict()
 
@@ -39,7 +45,10 @@ class Calibration(nn.Module):
             key = _key(correction.name)
             if key not in self.theta or tuple(self.theta[key].shape) != correction.value0.shape:
                 device = lattice_device(lattice)
-                self.theta[key] = nn.Parameter(torch.zeros(correction.value0.shape, device=device))
+                theta = torch.zeros(correction.value0.shape)
+                if self.start == "random":  # init + step * N(0, 1): a draw of the prior where it has one
+                    theta = torch.randn(correction.value0.shape)
+                self.theta[key] = nn.Parameter(theta.to(device))
             self.register_buffer(f"init_{key}", torch.as_tensor(correction.value0), persistent=False)
             self.register_buffer(f"step_{key}", torch.as_tensor(correction.step), persistent=False)
 

@@ -12,8 +12,9 @@ import torch
 
 
 def member_arguments(fit_args: list[str], seed: int, version: str) -> list[str]:
-    """`psr fit` arguments of one member: its seed (network and base samples) and its run folder."""
-    return ["fit", *fit_args, f"--seed_everything={seed}", f"--model.generator.init_args.seed={seed}",
+    """`psr fit` arguments of one member: its seed (network, base samples and, with `model.calibrate`, the
+    calibration's random start unless the arguments say otherwise) and its run folder."""
+    return ["fit", "--model.calibration_start=random", *fit_args, f"--seed_everything={seed}", f"--model.generator.init_args.seed={seed}",
             f"--trainer.logger.init_args.version={version}"]
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import sim
 from models import GaussianBeam, as_particles
+from psr.data.lattices import build_lattice
 from psr.training.alignment import centre_on, centred_screens
 from psr.training.calibration import Calibration
 from psr.training.moments import moment_mismatch
@@ -76,7 +77,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
     {"Q1.k1": {"kind": "scale", "init": 1.0, "prior_sigma": 0.05}, "YAG.center": {"kind": "offset"}}
     (`psr.training.calibration`); an optional `step` per entry is the value's unit of change in the fit.
     calibration_prior_weight: what the Gaussian priors cost against the image mismatch (one sigma:
-    half of it); the penalty is logged as "calibration_prior".
+    half of it); the penalty is logged as "calibration_prior". calibration_start: "init", or "random":
+    start at init + step * N(0, 1) (a draw of the prior where it has one; `psr ensemble` members do, so
+    their spread shows what the data leave undetermined).
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
@@ -84,7 +87,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
                  pyramid: int = 0, calibrate: dict[str, dict] | None = None,
-                 calibration_prior_weight: float = 0.01):
+                 calibration_prior_weight: float = 0.01, calibration_start: str = "init"):
         super().__init__()
         if calibrate is not None and not isinstance(calibrate, dict):
             raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
@@ -129,7 +132,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.save_hyperparameters(ignore=["generator", "prior"])
         self.generator = generator
         self.prior = prior
-        self.calibration = Calibration(calibrate, calibration_prior_weight)
+        self.calibration = Calibration(calibrate, calibration_prior_weight, calibration_start)
         self.register_buffer("penalty", torch.tensor(float(entropy_penalty or 0.0), dtype=torch.float64))
         if self.auto_prior:  # saved with checkpoints: a restored model keeps the prior it was fitted with
             self.register_buffer("prior_derived", torch.tensor(False))
@@ -148,7 +151,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         if space_charge is not None and not scan.charge > 0:
             raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
-        self.lattice = sim.Lattice.from_list(items, space_charge=space_charge).to(self.device)
+        self.lattice = build_lattice(items, getattr(scan, "folder", None), space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
         self.calibration.bind(self.lattice, self.setting_names, scan.settings)

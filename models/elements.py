@@ -1,0 +1,234 @@
+"""Neural lattice elements: networks that track (..., N, 6) particles inside a `sim.Lattice`.
+
+In lattice files: `{type: ResidualElement | SectionMap, name: ..., weights: <file>, <arguments>}`
+(DESIGN.md, "Neural elements"). `sim` does not know these types: `element_types(base_dir)` gives the
+constructors to pass to `sim.Lattice.from_list(..., element_types=...)`, with weights files relative to
+`base_dir`. A weights file holds the element's definition (`spec`): loading weights trained for another
+element or section is an error, as is a missing file.
+
+Both elements start as their physical map (the network's last layer is zero), so an untrained element
+tracks exactly as the physics it corrects.
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sim
+from sim.lattice import ELEMENT_TYPES
+
+WEIGHTS_FORMAT = "psr-neural-element"
+WEIGHTS_VERSION = 1
+
+
+def _mlp(n_in: int, n_out: int, width: int, layers: int) -> nn.Sequential:
+    """SiLU MLP whose last layer starts at zero (the element starts as its physics)."""
+    modules, size = [], n_in
+    for _ in range(layers):
+        modules += [nn.Linear(size, width), nn.SiLU()]
+        size = width
+    modules.append(nn.Linear(size, n_out))
+    nn.init.zeros_(modules[-1].weight)
+    nn.init.zeros_(modules[-1].bias)
+    return nn.Sequential(*modules)
+
+
+def _six(value, what: str) -> torch.Tensor:
+    scale = torch.as_tensor(value, dtype=torch.float64).flatten()
+    scale = scale.expand(6).clone() if scale.numel() == 1 else scale
+    if scale.numel() != 6 or not (scale > 0).all():
+        raise ValueError(f"{what} must be one positive value or six (x, px, y, py, z, pz), got {value!r}")
+    return scale
+
+
+class NeuralElement(nn.Module):
+    """Base of neural elements: a name, the settings it takes (`parameters_defaults`, addressed as
+    "<name>.<parameter>"), `track`, `to_dict` and its weights file."""
+
+    parameters_defaults: dict = {}
+
+    def __init__(self, name: str, weights: str | None = None, base_dir: str | None = None):
+        super().__init__()
+        self.name = name
+        self.weights = weights
+        self.base_dir = base_dir
+
+    def spec(self) -> dict:
+        """The arguments that define the element (stored with its weights; what they were trained for)."""
+        raise NotImplementedError
+
+    def weights_path(self, path: str | None = None) -> Path:
+        path = Path(path if path is not None else self.weights)
+        return path if path.is_absolute() or self.base_dir is None else Path(self.base_dir) / path
+
+    def load_weights(self, path: str | None = None) -> None:
+        """Read the weights file; one clear error if it is missing or was trained for another element."""
+        file = self.weights_path(path)
+        where = f"{type(self).__name__} {self.name}: weights file {file}"
+        if not file.is_file():
+            raise ValueError(f"{where}: no such file")
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (torch raises many kinds for a bad file)
+            raise ValueError(f"{where}: not a weights file ({type(err).__name__})") from None
+        if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
+            raise ValueError(f"{where}: not a psr neural-element weights file")
+        if saved.get("type") != type(self).__name__:
+            raise ValueError(f"{where}: holds a {saved.get('type')}, not a {type(self).__name__}")
+        if saved.get("spec") != self.spec():
+            differ = sorted(k for k in set(saved.get("spec", {})) | set(self.spec())
+                            if saved.get("spec", {}).get(k) != self.spec().get(k))
+            raise ValueError(f"{where}: was trained for another element or section (differs in {', '.join(differ)}: "
+                             f"{ {k: saved.get('spec', {}).get(k) for k in differ} })")
+        self.load_state_dict(saved["state_dict"])
+
+    def save_weights(self, path: str) -> Path:
+        """Write the weights file (atomically: a temporary file renamed into place)."""
+        file = Path(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "type": type(self).__name__,
+                    "spec": self.spec(), "state_dict": state}, tmp)
+        os.replace(tmp, file)
+        return file
+
+    def to_dict(self) -> dict:
+        entry = {"type": type(self).__name__, "name": self.name, **self.spec()}
+        if self.weights is not None:
+            entry["weights"] = str(self.weights)
+        return entry
+
+    def parameter_values(self, overrides: dict | None, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ResidualElement(NeuralElement):
+    """A physical element's map plus a network's correction of each particle, as a function of the particle's
+    coordinates and the element's settings: x_out = M(x; p) + s * f(x / s, p_i / p_scale_i).
+
+    element: the physical element's lattice entry without its name, e.g. {type: Quadrupole, length: 0.1, k1: 0};
+    its parameters are this element's settings ("<name>.k1"). inputs: the parameters fed to the network
+    (default: those of the element that are scanned in practice: k1, k2, ks, angle, voltage, phase, where
+    present); input_scales: their typical sizes (one per input, default 1). coordinate_scale: one value or six,
+    the size of a unit network input and output per coordinate [m or rad]."""
+
+    NETWORK_INPUTS = ("k1", "k2", "ks", "angle", "voltage", "phase")
+
+    def __init__(self, name: str, element: dict, inputs: list[str] | None = None,
+                 input_scales: list[float] | None = None, coordinate_scale: float | list[float] = 1e-3,
+                 hidden_width: int = 32, hidden_layers: int = 2, weights: str | None = None,
+                 base_dir: str | None = None):
+        super().__init__(name, weights, base_dir)
+        if not isinstance(element, dict) or element.get("type") not in ELEMENT_TYPES or "name" in element:
+            raise ValueError(f"ResidualElement {name}: element must be a physical element's entry without a name, "
+                             f"e.g. {{type: Quadrupole, length: 0.1}}, got {element!r}")
+        entry = dict(element)
+        self.physical = ELEMENT_TYPES[entry.pop("type")](name=name, **entry)
+        if not isinstance(self.physical, sim.element.LinearElement):
+            raise ValueError(f"ResidualElement {name}: cannot wrap a {type(self.physical).__name__} (it does not track)")
+        self.element = dict(element)
+        self.parameters_defaults = self.physical.parameters_defaults
+        known = [k for k in self.NETWORK_INPUTS if k in self.parameters_defaults]
+        self.inputs = list(known if inputs is None else inputs)
+        unknown = [k for k in self.inputs if k not in self.parameters_defaults]
+        if unknown:
+            raise ValueError(f"ResidualElement {name}: inputs {unknown} are not parameters of "
+                             f"{element['type']}; known: {sorted(self.parameters_defaults)}")
+        scales = [1.0] * len(self.inputs) if input_scales is None else [float(v) for v in input_scales]
+        if len(scales) != len(self.inputs) or min(scales, default=1.0) <= 0:
+            raise ValueError(f"ResidualElement {name}: input_scales needs one positive value per input {self.inputs}")
+        self.input_scales = scales
+        self.coordinate_scale = [float(v) for v in _six(coordinate_scale, f"ResidualElement {name}: coordinate_scale")]
+        self.hidden = (int(hidden_width), int(hidden_layers))
+        self.register_buffer("scale", torch.tensor(self.coordinate_scale, dtype=torch.float32))
+        self.register_buffer("setting_scale", torch.tensor(scales, dtype=torch.float32))
+        self.network = _mlp(6 + len(self.inputs), 6, *self.hidden)
+        if weights is not None:
+            self.load_weights()
+
+    def spec(self) -> dict:
+        return {"element": self.element, "inputs": self.inputs, "input_scales": self.input_scales,
+                "coordinate_scale": self.coordinate_scale, "hidden_width": self.hidden[0],
+                "hidden_layers": self.hidden[1]}
+
+    def parameter_values(self, overrides, like):
+        return self.physical.parameter_values(overrides, like)
+
+    def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
+        """Particles (..., N, 6) through the physical map plus the correction; returns (particles, p0c)."""
+        out, p0c_out = self.physical.track(particles, p0c, species, overrides)
+        p = self.physical.parameter_values(overrides, particles)
+        scale = self.scale.to(particles)
+        features = [particles / scale]
+        for key, size in zip(self.inputs, self.setting_scale.to(particles)):
+            value = p[key] / size  # () or the settings shape (...)
+            features.append(value.reshape(*value.shape, 1, 1))
+        features = _stack_features(features, out)
+        return out + self.network(features) * scale, p0c_out
+
+
+def _stack_features(features: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-particle features (..., N, k) broadcast to the leading shape of `like` (..., N, 6)."""
+    lead = like.shape[:-1]
+    return torch.cat([f.expand(*lead, f.shape[-1]) if f.shape[:-1] != lead else f for f in features], dim=-1)
+
+
+class SectionMap(NeuralElement):
+    """A learned map of a whole section (several elements, e.g. a drift with space charge): the section's
+    first-order map (its physical elements, no space charge) plus a network's correction that sees each
+    particle's coordinates relative to its bunch (u = (x - mean) / rms, per setting) and the bunch's rms
+    sizes (log, relative to `reference_rms`): collective effects such as space charge depend on both.
+    x_out = M x + rms * f(u, log(rms / reference_rms)).
+
+    section: the lattice entries the map replaces (their names are kept for the record); settings of its
+    elements are not fed to the network (a section whose magnets are scanned: use ResidualElement or split
+    it). reference_rms: six typical rms values [m, rad] of the beams it was trained on."""
+
+    def __init__(self, name: str, section: list[dict], reference_rms: list[float], hidden_width: int = 64,
+                 hidden_layers: int = 3, weights: str | None = None, base_dir: str | None = None):
+        super().__init__(name, weights, base_dir)
+        try:
+            self.physical = sim.Lattice.from_list([dict(e) for e in section])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"SectionMap {name}: section: {err}") from None
+        if any(not isinstance(e, sim.element.LinearElement) for e in self.physical.elements):
+            raise ValueError(f"SectionMap {name}: section may hold only magnets, drifts and cavities")
+        self.section = [dict(e) for e in section]
+        self.reference_rms = [float(v) for v in _six(reference_rms, f"SectionMap {name}: reference_rms")]
+        self.hidden = (int(hidden_width), int(hidden_layers))
+        self.register_buffer("reference", torch.tensor(self.reference_rms, dtype=torch.float32))
+        self.network = _mlp(12, 6, *self.hidden)
+        if weights is not None:
+            self.load_weights()
+
+    def spec(self) -> dict:
+        return {"section": self.section, "reference_rms": self.reference_rms, "hidden_width": self.hidden[0],
+                "hidden_layers": self.hidden[1]}
+
+    def parameter_values(self, overrides, like):
+        return {}
+
+    def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
+        if overrides:
+            raise KeyError(f"SectionMap {self.name} takes no settings, got {sorted(overrides)}")
+        linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species)).beam
+        mean = particles.mean(-2, keepdim=True)
+        rms = (particles - mean).square().mean(-2, keepdim=True).sqrt().clamp_min(1e-12)
+        reference = self.reference.to(particles)
+        u = (particles - mean) / rms
+        condition = torch.log(rms / reference).expand_as(u)
+        return linear.particles + self.network(torch.cat([u, condition], -1)) * rms, linear.p0c
+
+
+NEURAL_ELEMENT_TYPES = {cls.__name__: cls for cls in (ResidualElement, SectionMap)}
+
+
+def element_types(base_dir: str | Path | None = None) -> dict:
+    """Constructors of the neural element types for `sim.Lattice.from_list(element_types=...)`, reading weights
+    files relative to `base_dir` (a lattice file's folder)."""
+    base = None if base_dir is None else str(base_dir)
+    return {name: functools.partial(cls, base_dir=base) for name, cls in NEURAL_ELEMENT_TYPES.items()}
