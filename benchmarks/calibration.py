@@ -5,10 +5,12 @@ Q2 is 0.5 mm off axis in x, the screen centre is at (+0.3, -0.1) mm. Fits, each 
 
 - two: the shipped two-quadrupole scan with configs/two_quad_calibration.yaml (`model.calibrate`);
 - plain: the same scan and config without calibration (`--model.calibrate null`);
+- uncentred: as two, with the beam's incoming orbit free (`centred: false`);
 - single: a scan of Q1 alone (Q2 off) of the same machine, calibrating Q1.k1 (scale) and YAG.center
-  (offset), as an ensemble of --members seeds: the members' spread shows what the scan cannot determine.
+  (offset), as `psr ensemble --members M` (members start the calibration at random: init + step N(0, 1)):
+  the members' spread shows what the scan cannot determine.
 
-    python benchmarks/calibration.py [--fits two plain single] [--members 3] [--jobs 2] [--folder DIR]
+    python benchmarks/calibration.py [--fits two plain uncentred single] [--members 3] [--jobs 2] [--folder DIR]
 
 Prints emittance errors against the true beam and the fitted calibration against the true machine.
 """
@@ -74,7 +76,8 @@ def show(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fits", nargs="+", default=["two", "plain", "single"], choices=["two", "plain", "single"])
+    fits = ["two", "plain", "uncentred", "single"]
+    parser.add_argument("--fits", nargs="+", default=fits, choices=fits)
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=None)
@@ -87,24 +90,33 @@ def main() -> None:
         jobs.append(("two", 0, []))
     if "plain" in options.fits:
         jobs.append(("plain", 0, ["--model.calibrate", "null"]))
-    if "single" in options.fits:
-        scan = single_quad_scan(folder)
-        jobs += [("single", seed, [f"--data.path={scan}", f"--model.calibrate={SINGLE_CALIBRATE}"])
-                 for seed in range(options.members)]
+    if "uncentred" in options.fits:
+        jobs.append(("uncentred", 0, ["--model.generator.init_args.centred=false"]))
     with ThreadPoolExecutor(options.jobs) as pool:
         results = list(pool.map(lambda job: fit(folder, *job), jobs))
     for result in results:
         print(show(result), flush=True)
-    single = [r for r in results if r["fit"] == "single"]
-    if len(single) > 1:
-        for name in single[0]["calibration"]:
-            values = np.array([r["calibration"][name] for r in single], dtype=float)
-            print(f"single-quadrupole ensemble: {name} mean {np.round(values.mean(0), 6).tolist()}, "
-                  f"std {np.round(values.std(0, ddof=1), 6).tolist()}")
-        for key in single[0]["errors"]:
-            values = np.array([r["errors"][key] for r in single])
-            print(f"single-quadrupole ensemble: {key} error {values.mean():+.2f} % (members' std {values.std(ddof=1):.2f} %)")
+    if "single" in options.fits:
+        results.append(single_ensemble(folder, options.members, options.jobs))
     (folder / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def single_ensemble(folder: Path, members: int, jobs: int) -> dict:
+    """`psr ensemble` on the single-quadrupole scan; prints the members' calibration and emittance spread."""
+    scan = single_quad_scan(folder)
+    psr(["ensemble", "--members", str(members), "--parallel", str(jobs), "--name", "single", "--config", str(CONFIG),
+         f"--data.path={scan}", f"--model.calibrate={SINGLE_CALIBRATE}", f"--trainer.logger.init_args.save_dir={folder}",
+         "--trainer.logger.init_args.name=single"], folder / "single.log")
+    summary = json.loads((folder / "single/single/ensemble_emittances.json").read_text())
+    for name, row in summary["calibration"].items():
+        print(f"single-quadrupole ensemble: {name} members {np.round(row['members'], 6).tolist()}, "
+              f"mean {np.round(row['value'], 6).tolist()}, std {np.round(row['std'], 6).tolist()} "
+              f"(true {TRUE[name]})", flush=True)
+    for key, row in summary["emittances"].items():
+        if "true" in row:
+            print(f"single-quadrupole ensemble: {key} error {100 * row['mean_relative_error']:+.2f} %, relative std "
+                  f"{100 * row['relative_std']:.2f} %, truth in the 2-std band: {row['truth_in_band']}", flush=True)
+    return {"fit": "single", "summary": summary}
 
 
 if __name__ == "__main__":

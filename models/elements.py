@@ -178,50 +178,107 @@ def _stack_features(features: list[torch.Tensor], like: torch.Tensor) -> torch.T
 
 
 class SectionMap(NeuralElement):
-    """A learned map of a whole section (several elements, e.g. a drift with space charge): the section's
-    first-order map (its physical elements, no space charge) plus a network's correction that sees each
-    particle's coordinates relative to its bunch (u = (x - mean) / rms, per setting) and the bunch's rms
-    sizes (log, relative to `reference_rms`): collective effects such as space charge depend on both.
-    x_out = M x + rms * f(u, log(rms / reference_rms)).
+    """A learned map of a whole section (several elements, e.g. a quadrupole and a drift with space charge):
+    the section's first-order map (its elements tracked linearly, no space charge) plus a network's
+    correction that sees each particle's coordinates relative to its bunch (u = (x - mean) / rms, per
+    setting), the bunch's rms sizes (log, relative to `reference_rms`) and the section's settings:
+    collective effects such as space charge depend on all three. With c = (log(rms / reference_rms),
+    p / input_scales): x_out = M(p) x + rms * f(u, c) * exp(A c + b), the exponential a learned power law
+    of the beam sizes (space-charge and nonlinear kicks scale as powers of them).
 
-    section: the lattice entries the map replaces (their names are kept for the record); settings of its
-    elements are not fed to the network (a section whose magnets are scanned: use ResidualElement or split
-    it). reference_rms: six typical rms values [m, rad] of the beams it was trained on."""
+    section: the lattice entries the map replaces; inputs: settings of its elements ("Q1.k1") the map takes,
+    as its own settings "<name>.Q1_k1" (`psr fit`'s model.replace routes a scan's "Q1.k1" there);
+    input_scales: their typical sizes; reference_rms: six typical rms values [m, rad] of the input beams."""
 
-    def __init__(self, name: str, section: list[dict], reference_rms: list[float], hidden_width: int = 64,
-                 hidden_layers: int = 3, weights: str | None = None, base_dir: str | None = None):
+    def __init__(self, name: str, section: list[dict], reference_rms: list[float], inputs: list[str] | None = None,
+                 input_scales: list[float] | None = None, hidden_width: int = 64, hidden_layers: int = 3,
+                 weights: str | None = None, base_dir: str | None = None):
         super().__init__(name, weights, base_dir)
+        entries = [{**e, "tracking": "linear"} if e.get("type") in LINEAR_TRACKING else dict(e) for e in section]
         try:
-            self.physical = sim.Lattice.from_list([dict(e) for e in section])
+            self.physical = sim.Lattice.from_list(entries)
         except (ValueError, TypeError) as err:
             raise ValueError(f"SectionMap {name}: section: {err}") from None
         if any(not isinstance(e, sim.element.LinearElement) for e in self.physical.elements):
             raise ValueError(f"SectionMap {name}: section may hold only magnets, drifts and cavities")
         self.section = [dict(e) for e in section]
+        self.inputs = list(inputs or [])
+        try:
+            self.physical.split_settings(dict.fromkeys(self.inputs, 0.0))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"SectionMap {name}: inputs: {err.args[0]}") from None
+        scales = [1.0] * len(self.inputs) if input_scales is None else [float(v) for v in input_scales]
+        if len(scales) != len(self.inputs) or min(scales, default=1.0) <= 0:
+            raise ValueError(f"SectionMap {name}: input_scales needs one positive value per input {self.inputs}")
+        self.input_scales = scales
+        # its settings: "<name>.<element>_<parameter>" for each input "<element>.<parameter>" of the section
+        self.parameters_defaults = {section_setting_key(k): float(getattr(self.physical[k.rpartition(".")[0]],
+                                                                   k.rpartition(".")[2]).reshape(-1)[0])
+                                    for k in self.inputs}
         self.reference_rms = [float(v) for v in _six(reference_rms, f"SectionMap {name}: reference_rms")]
         self.hidden = (int(hidden_width), int(hidden_layers))
         self.register_buffer("reference", torch.tensor(self.reference_rms, dtype=torch.float32))
-        self.network = _mlp(12, 6, *self.hidden)
+        self.register_buffer("setting_scale", torch.tensor(scales, dtype=torch.float32))
+        self.network = _mlp(12 + len(self.inputs), 6, *self.hidden)
+        # per-coordinate amplitude exp(a . c + b) of the correction, c = (log rms / reference, settings): collective
+        # and nonlinear effects scale as powers of the beam sizes (space charge ~ Q / (sigma_x sigma_z ...))
+        self.amplitude = nn.Linear(6 + len(self.inputs), 6)
+        nn.init.zeros_(self.amplitude.weight)
+        nn.init.zeros_(self.amplitude.bias)
         if weights is not None:
             self.load_weights()
 
     def spec(self) -> dict:
-        return {"section": self.section, "reference_rms": self.reference_rms, "hidden_width": self.hidden[0],
-                "hidden_layers": self.hidden[1]}
+        return {"section": self.section, "reference_rms": self.reference_rms, "inputs": self.inputs,
+                "input_scales": self.input_scales, "hidden_width": self.hidden[0], "hidden_layers": self.hidden[1]}
 
     def parameter_values(self, overrides, like):
-        return {}
+        overrides = overrides or {}
+        unknown = set(overrides) - set(self.parameters_defaults)
+        if unknown:
+            raise KeyError(f"SectionMap {self.name} has no setting(s) {sorted(unknown)}; known: "
+                           f"{sorted(self.parameters_defaults)}")
+        return {k: torch.as_tensor(overrides.get(k, v)).to(like) for k, v in self.parameters_defaults.items()}
 
     def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
-        if overrides:
-            raise KeyError(f"SectionMap {self.name} takes no settings, got {sorted(overrides)}")
-        linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species)).beam
+        p = self.parameter_values(overrides, particles)
+        settings = {k: p[section_setting_key(k)] for k in self.inputs}
+        linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
+        out = linear.particles
+        lead = out.shape[:-1]
+        particles = particles.expand(*lead, 6)
         mean = particles.mean(-2, keepdim=True)
-        rms = (particles - mean).square().mean(-2, keepdim=True).sqrt().clamp_min(1e-12)
-        reference = self.reference.to(particles)
-        u = (particles - mean) / rms
-        condition = torch.log(rms / reference).expand_as(u)
-        return linear.particles + self.network(torch.cat([u, condition], -1)) * rms, linear.p0c
+        rms = (particles - mean).square().mean(-2, keepdim=True).clamp_min(1e-24).sqrt()  # no NaN gradient at 0
+        condition = [torch.log(rms / self.reference.to(particles))]
+        for key, size in zip(self.inputs, self.setting_scale.to(particles)):
+            value = settings[key] / size
+            condition.append(value.reshape(*value.shape, 1, 1).expand(*rms.shape[:-1], 1))
+        condition = _stack_features(condition, rms)  # (..., 1, 6 + inputs)
+        correction = self.network(_stack_features([(particles - mean) / rms, condition], out))
+        return out + correction * torch.exp(self.amplitude(condition)) * rms, linear.p0c
+
+
+def section_setting_key(name: str) -> str:
+    """The SectionMap setting of a section setting "<element>.<parameter>": "<element>_<parameter>"."""
+    element, _, parameter = name.rpartition(".")
+    return f"{element}_{parameter}"
+
+
+LINEAR_TRACKING = ("Drift", "Quadrupole", "Sextupole", "Dipole", "Solenoid")
+
+
+def read_spec(path) -> tuple[str, dict]:
+    """(type, spec) of a weights file: what its element was trained as (for entries that give only weights)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"weights file {file}: no such file")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"weights file {file}: not a weights file ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
+        raise ValueError(f"weights file {file}: not a psr neural-element weights file")
+    return saved["type"], dict(saved["spec"])
 
 
 NEURAL_ELEMENT_TYPES = {cls.__name__: cls for cls in (ResidualElement, SectionMap)}

@@ -1,4 +1,5 @@
-"""The `psr` command: `psr fit` (LightningCLI) and `psr simulate`."""
+"""The `psr` command: `psr fit` (LightningCLI), `psr simulate`, `psr ensemble`, `psr import`,
+`psr simulate-pairs` and `psr surrogate` (LightningCLI)."""
 
 import json
 import sys
@@ -151,10 +152,14 @@ def _raise_input_error(message, ex=None):
     raise InputError(one_line(message)) from None
 
 
-def fit_cli(args=None, run=True) -> PsrCLI:
+def _quiet_training_warnings() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*IterableDataset` has `__len__`.*")  # ours: one batch, no workers
+    warnings.filterwarnings("ignore", ".*IterableDataset` has `__len__`.*")  # ours: no workers
+
+
+def fit_cli(args=None, run=True) -> PsrCLI:
+    _quiet_training_warnings()
     return PsrCLI(
         PhaseSpaceReconstruction,
         ScanDataModule,
@@ -164,6 +169,53 @@ def fit_cli(args=None, run=True) -> PsrCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "psr: phase-space reconstruction (subcommands below; also `psr simulate` and `psr ensemble`)"},
     )
+
+
+class SurrogateCLI(LightningCLI):
+    """`psr surrogate`: LightningCLI training a neural element on a pairs file; after `fit` it exports the
+    element's weights file and writes surrogate.json and moments.png into the run folder."""
+
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        parser.error = _raise_input_error
+        return parser
+
+    def before_fit(self):
+        self.datamodule.setup("fit")  # the pairs file is checked, and the element built, before the run folder
+        self.model.configure_pairs(self.datamodule.pairs)
+
+    def after_fit(self):
+        from psr.outputs.surrogate_report import format_surrogate, write_surrogate_report
+
+        if self.trainer.is_global_zero:
+            run_dir = self.trainer.log_dir or "."
+            print(format_surrogate(write_surrogate_report(self.model, self.datamodule, run_dir)))
+            print(f"run folder: {run_dir}")
+
+
+def surrogate_cli(args) -> SurrogateCLI:
+    from psr.training.surrogate import PairsDataModule, SurrogateTraining
+
+    if args and not args[0].startswith("-") or any(a in ("-h", "--help") for a in args[:1]):
+        pass  # a subcommand (fit, validate, ...) or the help
+    else:
+        args = ["fit", *args]  # `psr surrogate --config ...` trains
+    _quiet_training_warnings()
+    return SurrogateCLI(SurrogateTraining, PairsDataModule, args=args, seed_everything_default=0,
+                        trainer_defaults={**TRAINER_DEFAULTS, "logger": {
+                            "class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs",
+                                                                                                "name": "surrogate"}}},
+                        save_config_kwargs={"overwrite": True},
+                        parser_kwargs={"description": "psr surrogate: train a neural element on a pairs file"})
+
+
+def simulate_pairs_cli(args) -> None:
+    from jsonargparse import CLI
+
+    from psr.data.simulate_pairs import simulate_pairs
+
+    path = CLI(simulate_pairs, args=args, prog="psr simulate-pairs", as_positional=False)
+    print(f"wrote {path}")
 
 
 def simulate_cli(args) -> None:
@@ -297,10 +349,14 @@ def main(argv=None) -> None:
     command = argv[0] if argv else ""
     _quiet_startup()
     try:
-        if command in ("fit", "ensemble", "simulate"):
+        if command in ("fit", "ensemble", "simulate", "simulate-pairs", "surrogate"):
             check_config_files(argv[1:])
         if command == "simulate":
             simulate_cli(argv[1:])
+        elif command == "simulate-pairs":
+            simulate_pairs_cli(argv[1:])
+        elif command == "surrogate":
+            surrogate_cli(argv[1:])
         elif command == "ensemble":
             ensemble_cli(argv[1:])
         elif command == "import":

@@ -90,7 +90,7 @@ def read_metrics(metrics_csv) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in series.items()}
 
 
-def plot_loss(path, metrics_csv) -> bool:
+def plot_loss(path, metrics_csv, ylabel: str = "image mismatch") -> bool:
     """Loss curves from a metrics.csv; returns False when there is nothing to plot."""
     if not Path(metrics_csv).exists():
         return False
@@ -102,7 +102,7 @@ def plot_loss(path, metrics_csv) -> bool:
         ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("image mismatch")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

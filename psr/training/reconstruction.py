@@ -11,6 +11,7 @@ from models import GaussianBeam, as_particles
 from psr.data.lattices import build_lattice
 from psr.training.alignment import centre_on, centred_screens
 from psr.training.calibration import Calibration
+from psr.training.replace import replace_sections
 from psr.training.moments import moment_mismatch
 from psr.training.prior import derive_auto_prior
 
@@ -79,7 +80,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
     calibration_prior_weight: what the Gaussian priors cost against the image mismatch (one sigma:
     half of it); the penalty is logged as "calibration_prior". calibration_start: "init", or "random":
     start at init + step * N(0, 1) (a draw of the prior where it has one; `psr ensemble` members do, so
-    their spread shows what the data leave undetermined).
+    their spread shows what the data leave undetermined). replace: sections of the scan's lattice tracked by
+    neural elements instead (`psr.training.replace`), e.g. [{elements: [Q1, D1], element: {type: SectionMap,
+    name: SC, inputs: [Q1.k1], weights: data/sc_section.pt}}]: a surrogate of their space charge.
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
@@ -87,7 +90,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
                  pyramid: int = 0, calibrate: dict[str, dict] | None = None,
-                 calibration_prior_weight: float = 0.01, calibration_start: str = "init"):
+                 calibration_prior_weight: float = 0.01, calibration_start: str = "init",
+                 replace: list[dict] | None = None):
         super().__init__()
         if calibrate is not None and not isinstance(calibrate, dict):
             raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
@@ -138,6 +142,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             self.register_buffer("prior_derived", torch.tensor(False))
         self.lattice: sim.Lattice | None = None
         self.setting_names: list[str] = []
+        self.setting_routes: dict[str, str] = {}  # scan settings taken by a neural element that replaced a section
         self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
 
     def configure_scan(self, scan) -> None:
@@ -151,6 +156,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         if space_charge is not None and not scan.charge > 0:
             raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
+        items, self.setting_routes = replace_sections(items, self.hparams.get("replace"), scan.setting_names)
         self.lattice = build_lattice(items, getattr(scan, "folder", None), space_charge).to(self.device)
         self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
         self.setting_names = list(scan.setting_names)
@@ -178,6 +184,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         beam = beam if beam is not None else self.beam()
         values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
         values = self.calibration(values, self.lattice)
+        values = {self.setting_routes.get(name, name): value for name, value in values.items()}
         return self.lattice(beam, values, screen_rows=measured).images
 
     @property

@@ -1,0 +1,144 @@
+"""Surrogates: `psr simulate-pairs` (reference physics into a pairs file), `psr surrogate` (a neural element
+trained on it, weights exported) and `model.replace` (a fit that tracks a section with the element)."""
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import sim
+from models import SectionMap
+from psr.cli import main
+from psr.data.pairs import read_pairs
+from psr.data.scanfile import read_scan
+from psr.data.simulate import simulate
+from psr.data.simulate_pairs import simulate_pairs
+from psr.data.synthetic import SyntheticBeam
+from psr.training.surrogate import rms
+
+SECTION = """- {type: Quadrupole, name: Q1, length: 0.1, k1: 0.0}
+- {type: Drift, name: D1, length: 1.0}
+"""
+NONLINEAR = """- {type: Sextupole, name: S1, length: 0.2, k2: 0.0}
+- {type: Drift, name: D1, length: 1.0}
+"""
+RANGES = {"emittance_x": [5e-9, 2e-8], "emittance_y": [5e-9, 2e-8], "alpha_x": [-1.0, 1.0], "beta_x": [2.0, 8.0]}
+
+
+@pytest.fixture(scope="module")
+def linear_pairs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pairs")
+    (folder / "section.yaml").write_text(SECTION)
+    return simulate_pairs(str(folder / "pairs.h5"), str(folder / "section.yaml"), p0c=60e6, n_beams=6, n_particles=400,
+                          beam_ranges=RANGES, settings={"Q1.k1": [-5.0, 5.0]}, seed=2)
+
+
+def test_pairs_hold_the_reference_physics(linear_pairs):
+    pairs = read_pairs(linear_pairs)
+    assert pairs.beams_in.shape == pairs.beams_out.shape == (6, 400, 6) and pairs.setting_names == ["Q1.k1"]
+    assert ((-5 <= pairs.settings) & (pairs.settings <= 5)).all() and len(np.unique(pairs.settings)) == 6
+    lattice = sim.Lattice.from_list(pairs.lattice).double()
+    beams_in = torch.as_tensor(pairs.beams_in, dtype=torch.float64)
+    out = lattice(sim.ParticleBeam(beams_in, p0c=60e6), {"Q1.k1": torch.as_tensor(pairs.settings[:, 0])[:, None]})
+    expected = out.beam.particles.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # beam m at its own setting m
+    assert np.allclose(pairs.beams_out, expected.numpy(), rtol=1e-5, atol=1e-10)
+    sizes = rms(beams_in)[:, 0]
+    assert sizes.max() / sizes.min() > 1.2  # the input beams differ (drawn from the documented ranges)
+
+
+def _run_bad(args, tmp_path, capfd, words):
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert done.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"psr {args[0]}: error: ") and all(w in lines[0] for w in words), lines
+    assert set(tmp_path.rglob("*")) == before
+
+
+def test_pairs_whose_beams_do_not_match_their_settings(linear_pairs, tmp_path, capfd):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(Path(linear_pairs).read_bytes())
+    with h5py.File(bad, "r+") as handle:
+        settings = handle["settings"][:4]
+        del handle["settings"]
+        handle.create_dataset("settings", data=settings).attrs["names"] = ["Q1.k1"]
+    args = ["surrogate", "--model.element={type: SectionMap, name: SC}", f"--model.weights={tmp_path / 'w.pt'}",
+            f"--data.path={bad}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    _run_bad(args, tmp_path, capfd, ["bad.h5", "/settings", "6 beams", "one row of settings per beam"])
+    with h5py.File(bad, "r+") as handle:
+        del handle["settings"]
+        handle.create_dataset("settings", data=np.zeros((6, 1))).attrs["names"] = ["Q1.k1"]
+        del handle["beams_out"]
+        handle.create_dataset("beams_out", data=np.zeros((6, 300, 6), dtype=np.float32))
+    _run_bad(args, tmp_path, capfd, ["bad.h5", "/beams_out", "particle by particle"])
+    _run_bad(["simulate-pairs", f"--output={tmp_path / 'p.h5'}", f"--lattice={tmp_path / 'none.yaml'}", "--p0c=6e7"],
+             tmp_path, capfd, ["none.yaml", "no such file"])
+
+
+def test_surrogate_learns_a_nonlinear_section(tmp_path, one_thread):
+    """A sextupole and a drift: `psr surrogate` trains a SectionMap that tracks held-out beams far better than
+    the section's first-order map, and exports a weights file a lattice can load."""
+    (tmp_path / "section.yaml").write_text(NONLINEAR)
+    path = simulate_pairs(str(tmp_path / "pairs.h5"), str(tmp_path / "section.yaml"), p0c=60e6, n_beams=20,
+                          n_particles=1000, beam={"beta_y": 10.0}, beam_ranges=RANGES,
+                          settings={"S1.k2": [500.0, 1500.0]}, seed=3)
+    main(["surrogate", "--model.element={type: SectionMap, name: SC, hidden_width: 32, hidden_layers: 2}",
+          f"--model.weights={tmp_path / 'sc.pt'}", "--model.lr=3e-3", f"--data.path={path}", "--data.val_every=5",
+          "--data.beams_per_batch=4", "--data.particles_per_beam=1000", "--data.steps_per_epoch=100",
+          "--trainer.max_epochs=10", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+          "--trainer.enable_progress_bar=false"])
+    run = next((tmp_path / "runs").glob("surrogate/version_*"))
+    summary = json.loads((run / "surrogate.json").read_text())
+    assert (run / "moments.png").is_file() and (run / "sc.pt").is_file() and (tmp_path / "sc.pt").is_file()
+    pairs = read_pairs(path)
+    held = np.arange(4, 20, 5)
+    beams_in = torch.as_tensor(pairs.beams_in[held], dtype=torch.float64)
+    reference = rms(torch.as_tensor(pairs.beams_out[held], dtype=torch.float64))
+    untrained = SectionMap("SC", pairs.lattice, [1e-3] * 6, inputs=["S1.k2"]).double()
+    k2 = torch.as_tensor(pairs.settings[held, 0])
+    first_order = untrained.track(beams_in, 60e6, sim.get_species("electron"), {"S1_k2": k2})[0]
+    before = (rms(first_order) / reference - 1).abs().max(0).values
+    after = summary["rms_relative_error_max"]
+    assert before[1] > 0.05  # the sextupole matters in px
+    for i, key in enumerate(("x", "px", "y", "py")):
+        assert after[key] < max(before[i].item() / 3, 0.01), (key, after[key], before[i].item())
+    trained = SectionMap("SC", pairs.lattice, weights=str(tmp_path / "sc.pt"), **{
+        k: v for k, v in json.loads(json.dumps(torch.load(tmp_path / "sc.pt", weights_only=True)["spec"])).items()
+        if k != "section"})
+    assert trained.hidden == (32, 2)
+
+
+def test_replace_routes_scan_settings_to_the_section(tmp_path, one_thread):
+    """model.replace: an untrained SectionMap in place of Q1 and D1 makes the physical lattice's images (its map
+    starts as theirs) from the scan's own Q1.k1 column; weights trained for another section are refused."""
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+    from models import MLPBeamGenerator
+
+    (tmp_path / "lattice.yaml").write_text(SECTION + "- {type: Screen, name: YAG, resolution: [32, 32], "
+                                           "pixel_size: [2.0e-4, 2.0e-4]}\n")
+    scan = read_scan(simulate(str(tmp_path / "scan.h5"), str(tmp_path / "lattice.yaml"), {"Q1.k1": [-4.0, 0.0, 4.0]},
+                              p0c=60e6, beam=SyntheticBeam(), n_particles=1000, seed=0))
+    section = [dict(item) for item in scan.lattice[:2]]
+    SectionMap("SC", section, [1e-3] * 6, inputs=["Q1.k1"]).save_weights(tmp_path / "sc.pt")
+    replace = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC", "weights": str(tmp_path / "sc.pt")}}]
+    torch.manual_seed(0)
+    plain = PhaseSpaceReconstruction(MLPBeamGenerator(n_particles=2000))
+    with_map = PhaseSpaceReconstruction(MLPBeamGenerator(n_particles=2000), replace=replace)
+    with_map.generator.load_state_dict(plain.generator.state_dict())
+    plain.configure_scan(scan)
+    with_map.configure_scan(scan)
+    assert with_map.setting_routes == {"Q1.k1": "SC.Q1_k1"} and [e.name for e in with_map.lattice.elements] == ["SC", "YAG"]
+    settings = torch.as_tensor(scan.settings, dtype=torch.float32)
+    with torch.no_grad():
+        a, b = plain.predict_images(settings)["YAG"], with_map.predict_images(settings)["YAG"]
+    assert torch.allclose(a, b, atol=1e-6)
+    longer = [dict(section[0]), {**section[1], "length": 2.0}]
+    SectionMap("SC", longer, [1e-3] * 6, inputs=["Q1.k1"]).save_weights(tmp_path / "other.pt")
+    other = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "weights": str(tmp_path / "other.pt")}}]
+    with pytest.raises(ValueError, match="trained for another element or section.*section"):
+        PhaseSpaceReconstruction(MLPBeamGenerator(n_particles=200), replace=other).configure_scan(scan)
