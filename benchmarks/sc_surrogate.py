@@ -1,0 +1,94 @@
+"""Space-charge surrogate vs particle-in-cell (issue 13), in one run: time per training step and accuracy.
+
+- Time: one training step (forward and backward of the image mismatch over the training settings) of
+  configs/sc_quad_scan.yaml (PIC: 16^3 grid, kicks every 0.25 m) and of configs/sc_quad_scan_surrogate.yaml
+  (data/sc_section.pt in place of Q1 and D1), same generator, same particles; median of --steps steps.
+- Accuracy: on the held-out beams of data/sc_section.pairs.h5 (every fifth; reference: PIC with 32^3 and
+  0.1 m, as the example's data), the rms sizes and emittances after the section from the surrogate and
+  from the fit config's own PIC settings.
+
+    python benchmarks/sc_surrogate.py [--steps 10] [--threads 2]
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sim
+from psr.cli import fit_cli
+from psr.data.pairs import read_pairs
+from psr.training.surrogate import emittances, rms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_time(config: str, steps: int) -> float:
+    cli = fit_cli(["--config", str(ROOT / config), f"--data.path={ROOT / 'data/sc_quad_scan.h5'}"], run=False)
+    model, data = cli.model, cli.datamodule
+    data.setup("fit")
+    model.configure_scan(data.scan)
+    batch = next(iter(data.train_dataloader()))
+    times = []
+    for _ in range(steps + 1):
+        model.zero_grad()
+        start = time.perf_counter()
+        model._loss(batch).backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def held_out_errors(pairs_path: Path) -> dict:
+    pairs = read_pairs(pairs_path)
+    index = np.arange(4, pairs.beams_in.shape[0], 5)
+    beams_in = torch.as_tensor(pairs.beams_in[index])
+    reference = torch.as_tensor(pairs.beams_out[index], dtype=torch.float64)
+    k1 = torch.as_tensor(pairs.settings[index, 0], dtype=torch.float32)
+    from models import SectionMap
+    from models.elements import read_spec
+
+    _, spec = read_spec(ROOT / "data/sc_section.pt")
+    surrogate = SectionMap("SC", weights=str(ROOT / "data/sc_section.pt"), **spec)
+    species = sim.get_species(pairs.species)
+    with torch.no_grad():
+        predicted = surrogate.track(beams_in, pairs.p0c, species, {"Q1_k1": k1})[0].double()
+        pic = sim.Lattice.from_list(pairs.lattice, space_charge=sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25))
+        fit_pic = torch.stack([pic(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
+                                                    charge=pairs.charge), {"Q1.k1": k1[i].double()}).beam.particles
+                               for i in range(len(index))])
+        first_order = surrogate.physical(sim.ParticleBeam(beams_in.double(), p0c=pairs.p0c, species=species),
+                                         {"Q1.k1": k1.double()}).beam.particles
+    out = {}
+    for name, beams in (("surrogate", predicted), ("PIC 16^3, 0.25 m", fit_pic), ("no space charge", first_order)):
+        r = (rms(beams) / rms(reference) - 1)[:, :4].abs()
+        e = (emittances(beams) / emittances(reference) - 1)[:, :2].abs()
+        out[name] = {"rms_max": r.max().item(), "rms_median": r.median().item(), "rms_p90": r.quantile(0.9).item(),
+                     "emit_max": e.max().item(), "emit_median": e.median().item()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    pic = step_time("configs/sc_quad_scan.yaml", options.steps)
+    surrogate = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps)
+    print(f"time per training step ({options.threads} threads): PIC {1e3 * pic:.0f} ms, surrogate {1e3 * surrogate:.0f} ms, "
+          f"{pic / surrogate:.1f}x faster")
+    pairs = ROOT / "data/sc_section.pairs.h5"
+    if not pairs.is_file():
+        print(f"{pairs} missing: psr simulate-pairs --config data/sc_section.pairs.yaml (accuracy skipped)")
+        return
+    for name, row in held_out_errors(pairs).items():
+        print(f"held-out beams, {name} vs PIC 32^3 / 0.1 m: rms sizes |error| median {100 * row['rms_median']:.2f} %, "
+              f"90 % {100 * row['rms_p90']:.2f} %, max {100 * row['rms_max']:.2f} %; emittances median "
+              f"{100 * row['emit_median']:.2f} %, max {100 * row['emit_max']:.2f} %")
+
+
+if __name__ == "__main__":
+    main()
