@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A plain `pip install .` (no extras) into a fresh virtual environment runs every shipped config:
-# a 2-step fit of each configs/*.yaml and `psr import` of each data/*.import.yaml, run from the installed
-# package (not this source tree).
+# a 2-step fit of each configs/*.yaml, `psr import` of each data/*.import.yaml, and for each
+# configs/*.surrogate.yaml a small `psr simulate-pairs` of its data/*.pairs.yaml and 2 training steps,
+# run from the installed package (not this source tree).
 # Usage: bash scripts/check_plain_install.sh   (exit code 0 when every config ran)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ needs_missing_shared() {  # configs that read ../shared/data run where shared/ l
   grep -v "^[[:space:]]*#" "$1" | grep -q "shared/data" && [ ! -d ../shared/data ]
 }
 for config in configs/*.yaml; do
+  case "$config" in *.surrogate.yaml) continue ;; esac
   if needs_missing_shared "$config"; then echo "skipped $config (no ../shared/data beside this checkout)"; continue; fi
   if "$WORK/venv/bin/psr" fit --config "$config" --trainer.max_steps=2 --data.steps_per_epoch=2 \
        --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir="$WORK/runs" \
@@ -38,6 +40,18 @@ for config in data/*.import.yaml; do  # psr import's image libraries come with t
     echo "ok      $config"
   else
     echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1
+  fi
+done
+for config in configs/*.surrogate.yaml; do  # pairs files are large and not shipped: a small one is made
+  pairs="data/$(basename "$config" .surrogate.yaml).pairs.yaml"
+  if "$WORK/venv/bin/psr" simulate-pairs --config "$pairs" --n_beams 5 --n_particles 400 --output "$WORK/pairs.h5" \
+       >"$WORK/log.txt" 2>&1 \
+     && "$WORK/venv/bin/psr" surrogate --config "$config" --data.path "$WORK/pairs.h5" --model.weights "$WORK/w.pt" \
+       --trainer.max_steps=2 --data.steps_per_epoch=2 --trainer.enable_progress_bar=false \
+       --trainer.logger.init_args.save_dir="$WORK/runs" >>"$WORK/log.txt" 2>&1; then
+    echo "ok      $config ($pairs)"
+  else
+    echo "FAILED  $config ($pairs)"; tail -5 "$WORK/log.txt"; status=1
   fi
 done
 exit $status

@@ -107,3 +107,22 @@ def test_max_entropy_fit_runs_on_gpu(tmp_path):
                       "--trainer.callbacks.init_args.steps_per_stage=50")
     assert torch.isfinite(torch.tensor(rows["entropy_nats"]["reconstructed"]))
     assert abs(rows["norm_emit_x"]["relative_error"]) < 0.5, rows
+
+
+def test_neural_elements_on_cuda_match_cpu():
+    """A ResidualElement and a SectionMap (with random weights) track the same on the GPU as on the CPU."""
+    from models import ResidualElement, SectionMap
+
+    torch.manual_seed(0)
+    residual = ResidualElement("Q1", {"type": "Quadrupole", "length": 0.1}, input_scales=[10.0]).double()
+    section = SectionMap("SC", [{"type": "Drift", "name": "D1", "length": 1.0}], [1e-3] * 6).double()
+    for element in (residual, section):
+        with torch.no_grad():
+            for parameter in element.parameters():
+                parameter.normal_(0, 0.2)
+    lattice = sim.Lattice([residual, section])
+    particles = TRUTH.sample(5000, seed=1).double()
+    k1 = torch.linspace(-5.0, 5.0, 3, dtype=torch.float64)
+    cpu = lattice(sim.ParticleBeam(particles, 43e6), {"Q1.k1": k1}).beam.particles
+    gpu = lattice.to("cuda")(sim.ParticleBeam(particles.cuda(), 43e6), {"Q1.k1": k1.cuda()}).beam.particles
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-9, atol=1e-15)
