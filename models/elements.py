@@ -179,12 +179,14 @@ def _stack_features(features: list[torch.Tensor], like: torch.Tensor) -> torch.T
 
 class SectionMap(NeuralElement):
     """A learned map of a whole section (several elements, e.g. a quadrupole and a drift with space charge):
-    the section's first-order map (its elements tracked linearly, no space charge) plus a network's
-    correction that sees each particle's coordinates relative to its bunch (u = (x - mean) / rms, per
-    setting), the bunch's rms sizes (log, relative to `reference_rms`) and the section's settings:
-    collective effects such as space charge depend on all three. With c = (log(rms / reference_rms),
-    p / input_scales): x_out = M(p) x + rms * f(u, c) * exp(A c + b), the exponential a learned power law
-    of the beam sizes (space-charge and nonlinear kicks scale as powers of them).
+    the section's first-order map (its elements tracked linearly, no space charge) plus a correction that is
+    a polynomial of each particle's coordinates relative to its bunch, u = (x - mean) / rms (per setting),
+    whose coefficients a network computes from the bunch: its log rms sizes relative to `reference_rms`,
+    its normalized covariances (convergence, coupling) and the section's settings. Collective effects such
+    as space charge depend on all of them, and on the particle through a smooth, mostly odd function:
+        x_out = M(p) x + rms * (phi(u) @ C(c)) * exp(A c + b),
+    phi(u) = (u_i, q_a q_b, q_a q_b^2) with q the positions (u_x, u_y, u_z), c the bunch's features, C a network, exp(A c + b)
+    a learned power law of the sizes. The network runs once per setting, the polynomial per particle.
 
     section: the lattice entries the map replaces; inputs: settings of its elements ("Q1.k1") the map takes,
     as its own settings "<name>.Q1_k1" (`psr fit`'s model.replace routes a scan's "Q1.k1" there);
@@ -192,8 +194,10 @@ class SectionMap(NeuralElement):
 
     def __init__(self, name: str, section: list[dict], reference_rms: list[float], inputs: list[str] | None = None,
                  input_scales: list[float] | None = None, hidden_width: int = 64, hidden_layers: int = 3,
-                 weights: str | None = None, base_dir: str | None = None):
+                 basis: str = "cubic_positions", weights: str | None = None, base_dir: str | None = None):
         super().__init__(name, weights, base_dir)
+        if basis != "cubic_positions":
+            raise ValueError(f"SectionMap {name}: basis must be 'cubic_positions' (the polynomial phi), got {basis!r}")
         entries = [{**e, "tracking": "linear"} if e.get("type") in LINEAR_TRACKING else dict(e) for e in section]
         try:
             self.physical = sim.Lattice.from_list(entries)
@@ -213,16 +217,15 @@ class SectionMap(NeuralElement):
         self.input_scales = scales
         # its settings: "<name>.<element>_<parameter>" for each input "<element>.<parameter>" of the section
         self.parameters_defaults = {section_setting_key(k): float(getattr(self.physical[k.rpartition(".")[0]],
-                                                                   k.rpartition(".")[2]).reshape(-1)[0])
+                                                                          k.rpartition(".")[2]).reshape(-1)[0])
                                     for k in self.inputs}
         self.reference_rms = [float(v) for v in _six(reference_rms, f"SectionMap {name}: reference_rms")]
         self.hidden = (int(hidden_width), int(hidden_layers))
         self.register_buffer("reference", torch.tensor(self.reference_rms, dtype=torch.float32))
         self.register_buffer("setting_scale", torch.tensor(scales, dtype=torch.float32))
-        self.network = _mlp(12 + len(self.inputs), 6, *self.hidden)
-        # per-coordinate amplitude exp(a . c + b) of the correction, c = (log rms / reference, settings): collective
-        # and nonlinear effects scale as powers of the beam sizes (space charge ~ Q / (sigma_x sigma_z ...))
-        self.amplitude = nn.Linear(6 + len(self.inputs), 6)
+        n_condition = 6 + 15 + len(self.inputs)
+        self.network = _mlp(n_condition, 6 * N_BASIS, *self.hidden)
+        self.amplitude = nn.Linear(n_condition, 6)
         nn.init.zeros_(self.amplitude.weight)
         nn.init.zeros_(self.amplitude.bias)
         if weights is not None:
@@ -230,7 +233,8 @@ class SectionMap(NeuralElement):
 
     def spec(self) -> dict:
         return {"section": self.section, "reference_rms": self.reference_rms, "inputs": self.inputs,
-                "input_scales": self.input_scales, "hidden_width": self.hidden[0], "hidden_layers": self.hidden[1]}
+                "input_scales": self.input_scales, "hidden_width": self.hidden[0], "hidden_layers": self.hidden[1],
+                "basis": "cubic_positions"}
 
     def parameter_values(self, overrides, like):
         overrides = overrides or {}
@@ -245,17 +249,34 @@ class SectionMap(NeuralElement):
         settings = {k: p[section_setting_key(k)] for k in self.inputs}
         linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
         out = linear.particles
-        lead = out.shape[:-1]
-        particles = particles.expand(*lead, 6)
+        lead = out.shape[:-2]
         mean = particles.mean(-2, keepdim=True)
-        rms = (particles - mean).square().mean(-2, keepdim=True).clamp_min(1e-24).sqrt()  # no NaN gradient at 0
-        condition = [torch.log(rms / self.reference.to(particles))]
+        centred = particles - mean
+        cov = centred.transpose(-1, -2) @ centred / particles.shape[-2]  # (..., 6, 6)
+        rms = cov.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # (..., 6); no NaN gradient at 0
+        correlation = cov / (rms.unsqueeze(-1) * rms.unsqueeze(-2))
+        upper = torch.triu_indices(6, 6, 1, device=particles.device)
+        condition = [torch.log(rms / self.reference.to(particles)), correlation[..., upper[0], upper[1]]]
         for key, size in zip(self.inputs, self.setting_scale.to(particles)):
-            value = settings[key] / size
-            condition.append(value.reshape(*value.shape, 1, 1).expand(*rms.shape[:-1], 1))
-        condition = _stack_features(condition, rms)  # (..., 1, 6 + inputs)
-        correction = self.network(_stack_features([(particles - mean) / rms, condition], out))
-        return out + correction * torch.exp(self.amplitude(condition)) * rms, linear.p0c
+            condition.append((settings[key] / size).reshape(*settings[key].shape, 1))
+        condition = torch.cat([c.expand(*lead, c.shape[-1]) for c in condition], -1)  # (..., n_condition)
+        coefficients = self.network(condition).reshape(*lead, N_BASIS, 6)
+        gain = torch.exp(self.amplitude(condition)) * rms.expand(*lead, 6)  # (..., 6)
+        u = centred / rms.unsqueeze(-2)  # the input's own leading shape: one basis for every setting of a scan
+        correction = polynomial_basis(u) @ coefficients  # broadcasts to (..., N, 6)
+        return out + correction * gain.unsqueeze(-2), linear.p0c
+
+
+N_BASIS = 6 + 9 + 9
+
+
+def polynomial_basis(u: torch.Tensor) -> torch.Tensor:
+    """(..., N, 24): u_i (all six), and of the positions q = (u_x, u_y, u_z) q_a q_b and q_a q_b^2 (forces
+    depend on where a particle is) of normalized coordinates u (..., N, 6); built by broadcasting."""
+    q = u[..., 0::2]
+    outer = q.unsqueeze(-1) * q.unsqueeze(-2)  # (..., N, 3, 3)
+    cubic = q.unsqueeze(-1) * q.square().unsqueeze(-2)
+    return torch.cat([u, outer.flatten(-2), cubic.flatten(-2)], -1)
 
 
 def section_setting_key(name: str) -> str:

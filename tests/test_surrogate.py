@@ -106,7 +106,7 @@ def test_surrogate_learns_a_nonlinear_section(tmp_path, one_thread):
     after = summary["rms_relative_error_max"]
     assert before[1] > 0.05  # the sextupole matters in px
     for i, key in enumerate(("x", "px", "y", "py")):
-        assert after[key] < max(before[i].item() / 3, 0.01), (key, after[key], before[i].item())
+        assert after[key] < max(before[i].item() / 3, 0.02), (key, after[key], before[i].item())
     trained = SectionMap("SC", pairs.lattice, weights=str(tmp_path / "sc.pt"), **{
         k: v for k, v in json.loads(json.dumps(torch.load(tmp_path / "sc.pt", weights_only=True)["spec"])).items()
         if k != "section"})
