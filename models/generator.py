@@ -23,6 +23,18 @@ def per_coordinate_scale(scale, n_dim: int) -> torch.Tensor:
     return scale
 
 
+def check_longitudinal(longitudinal, n_dim: int) -> list[float] | None:
+    """(sigma_z [m], sigma_pz) of a 4D beam model's fixed Gaussian z, pz, checked; None stays None."""
+    if longitudinal is None:
+        return None
+    if n_dim != 4:
+        raise ValueError("longitudinal (sigma_z, sigma_pz) is for n_dim 4; with n_dim 6 z and pz are reconstructed")
+    longitudinal = [float(v) for v in longitudinal]
+    if len(longitudinal) != 2 or min(longitudinal) < 0:
+        raise ValueError(f"longitudinal must be (sigma_z [m], sigma_pz), both >= 0, got {longitudinal}")
+    return longitudinal
+
+
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
@@ -66,12 +78,7 @@ class MLPBeamGenerator(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
         scale = per_coordinate_scale(scale, n_dim)
-        if longitudinal is not None:
-            if n_dim != 4:
-                raise ValueError("longitudinal (sigma_z, sigma_pz) is for n_dim 4; with n_dim 6 z and pz are reconstructed")
-            longitudinal = [float(v) for v in longitudinal]
-            if len(longitudinal) != 2 or min(longitudinal) < 0:
-                raise ValueError(f"longitudinal must be (sigma_z [m], sigma_pz), both >= 0, got {longitudinal}")
+        longitudinal = check_longitudinal(longitudinal, n_dim)
         self.n_dim = n_dim
         self.seed = seed
         self.longitudinal = longitudinal

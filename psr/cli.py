@@ -1,4 +1,4 @@
-"""The `psr` command: `psr fit` (LightningCLI), `psr simulate`, `psr ensemble`, `psr import`,
+"""The `psr` command: `psr fit` (LightningCLI), `psr simulate`, `psr ensemble`, `psr import`, `psr predict`,
 `psr simulate-pairs` and `psr surrogate` (LightningCLI)."""
 
 import json
@@ -136,11 +136,18 @@ class PsrCLI(LightningCLI):
         if step == 0:
             raise ValueError("no optimizer step was made (trainer.max_epochs, max_steps or limit_train_batches is 0), "
                              "so there is no reconstruction to report: the run folder holds no beam")
-        rows = write_report(self.model, self.datamodule, run_dir)
-        print(f"\nfit took {elapsed:.1f} s")
-        print(format_emittances(rows))
-        for note in report_notes(rows):
-            print(note)
+        if getattr(self.model, "upstream", None):
+            from psr.outputs.conditional_report import format_conditional, write_conditional_report
+
+            report = write_conditional_report(self.model, self.datamodule, run_dir)
+            print(f"\nfit took {elapsed:.1f} s")
+            print(format_conditional(report))
+        else:
+            rows = write_report(self.model, self.datamodule, run_dir)
+            print(f"\nfit took {elapsed:.1f} s")
+            print(format_emittances(rows))
+            for note in report_notes(rows):
+                print(note)
         if len(self.model.calibration):
             print(format_calibration(self.model.calibration.report()))
         print(f"run folder: {run_dir}")
@@ -258,6 +265,38 @@ def import_cli(args: list[str]) -> None:
     print(f"wrote {result.path}")
 
 
+PREDICT_USAGE = """usage: psr predict --run <run folder> --settings <table.csv> --output <folder> [--n_particles N]
+
+The beams and images of a trained run (`psr fit`) at new settings: one row of the CSV table per prediction,
+one column per setting (upstream settings of a conditional beam model, and any '<element>.<parameter>' of
+the lattice; a scanned setting left out keeps the lattice's value). Writes <folder>/row_<i>.h5 (the beam at
+row i, openPMD) and <folder>/images.h5 (screens/<NAME>: (rows, H, W) unit-sum images; settings: the table).
+Upstream values outside the range the model was trained on are predicted with a warning."""
+
+
+def predict_cli(args: list[str]) -> None:
+    import argparse
+
+    from psr.outputs.predict import PREDICT_PARTICLES, predict
+
+    if not args or "-h" in args or "--help" in args:
+        print(PREDICT_USAGE)
+        raise SystemExit(0)
+    parser = argparse.ArgumentParser(prog="psr predict", usage=PREDICT_USAGE, add_help=False)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--n_particles", type=int, default=PREDICT_PARTICLES)
+    parser.error = _raise_input_error
+    options = parser.parse_args(args)
+    if options.n_particles < 2:
+        raise ValueError(f"--n_particles must be at least 2, got {options.n_particles}")
+    folder, warnings = predict(options.run, options.settings, options.output, options.n_particles)
+    for warning in warnings:
+        print(f"psr predict: warning: {warning}", file=sys.stderr)
+    print(f"wrote {folder}/row_<i>.h5 and {folder}/images.h5")
+
+
 ENSEMBLE_USAGE = """usage: psr ensemble [--members M] [--first_seed S] [--parallel P] [--name NAME] <psr fit arguments>
        psr ensemble --member_index I --name NAME [--first_seed S] <psr fit arguments>
        psr ensemble --summarize <ensemble folder> [--members M]
@@ -361,6 +400,8 @@ def main(argv=None) -> None:
             ensemble_cli(argv[1:])
         elif command == "import":
             import_cli(argv[1:])
+        elif command == "predict":
+            predict_cli(argv[1:])
         elif command == "render-camera":
             from psr.data.camera import render_camera_cli
 

@@ -47,6 +47,18 @@ def prepare_images(screen, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32), measured
 
 
+def upstream_groups(scan) -> np.ndarray:
+    """(K,) index of each setting's distinct upstream setting, numbered in order of first appearance
+    (each setting its own group in a file without upstream settings)."""
+    upstream = list(getattr(scan, "upstream", None) or [])
+    if not upstream:
+        return np.arange(scan.settings.shape[0])
+    values = scan.settings[:, [list(scan.setting_names).index(n) for n in upstream]]
+    _, first, inverse = np.unique(values, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # rank of each distinct value by first appearance
+    return order[inverse.reshape(-1)]
+
+
 class _RepeatedFullBatch(IterableDataset):
     """Yields the same full batch `repeats` times (one optimizer step each). Iterable, so that Lightning
     gives every process of a distributed fit all `repeats` of it (each process takes its share of the
@@ -66,7 +78,10 @@ class ScanDataModule(L.LightningDataModule):
     """Serves a scan file's settings and images.
 
     path: the scan file (HDF5, contract v1). val_every: every n-th setting (starting with the
-    second) is held out for validation; 0 trains on all settings. steps_per_epoch: optimizer steps
+    second) is held out for validation; 0 trains on all settings. In a file with upstream settings
+    (DESIGN.md "Conditional beams") it counts distinct upstream settings instead, in the order they
+    first appear: every n-th is held out with all its images, so validation measures the beam at
+    upstream settings the model never saw. steps_per_epoch: optimizer steps
     per epoch, each on all training settings at once (a whole scan is one batch).
     """
 
@@ -88,8 +103,9 @@ class ScanDataModule(L.LightningDataModule):
         (a measured image that is empty raises a ValueError naming the file, screen and settings)."""
         n_settings = scan.settings.shape[0]
         index = np.arange(n_settings)
+        groups = upstream_groups(scan)
         if self.val_every:
-            val = index[index % self.val_every == 1]
+            val = index[groups % self.val_every == 1]
         else:
             val = index[:0]
         train = np.setdiff1d(index, val)

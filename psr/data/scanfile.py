@@ -3,10 +3,16 @@
 Layout:
     /                        attrs psr_format = "scan", psr_version = 1, p0c [eV], species, charge [C]
     /lattice                 attr yaml: the lattice file text
-    /settings                float64 (K, P), attr names: P strings "<element>.<parameter>"
+    /settings                float64 (K, P), attr names: P strings "<element>.<parameter>"; optional attr
+                             upstream: the names among them that are upstream machine settings (DESIGN.md
+                             "Conditional beams"), not applied to the lattice but fed to a conditional beam
     /screens/<NAME>/images   float32 (K, H, W) or (K, S, H, W); attrs pixel_size (dx, dy), center (cx, cy) [m]
     /screens/<NAME>/background, mask   optional (H, W)
     /ground_truth            optional openPMD-beamphysics bunch: /ground_truth/<species>/...
+    /ground_truth_upstream   optional (an extension of v1 for files with upstream settings, whose true beam
+                             differs from one upstream setting to the next): datasets settings (G, U) [the
+                             upstream values], emittances (G, E) with attr names (keys of psr's emittance
+                             table) and particles (G, n, 6) float32 (a sample of each true beam)
 """
 
 from dataclasses import dataclass, field
@@ -57,6 +63,9 @@ class ScanData:
     screens: screen name -> ScreenData; p0c [eV], species, charge [C] (magnitude);
     ground_truth: optional true beam, (N, 6) Bmad particles.
     provenance: optional attributes of /provenance (strings), e.g. import_yaml: how the images were made.
+    upstream: the setting names that are upstream machine settings (inputs of a conditional beam model;
+    their elements are not in the lattice). upstream_truth: optional true beams at the upstream settings,
+    {"settings": (G, U), "emittances": {key: (G,)}, "particles": (G, n, 6)} (/ground_truth_upstream).
     """
 
     lattice: list[dict]
@@ -69,6 +78,13 @@ class ScanData:
     ground_truth: np.ndarray | None = field(default=None, repr=False)
     provenance: dict[str, str] | None = field(default=None, repr=False)
     folder: str | None = field(default=None, repr=False, compare=False)  # where the file is: neural weights are relative to it
+    upstream: list[str] = field(default_factory=list)
+    upstream_truth: dict | None = field(default=None, repr=False)
+
+    @property
+    def lattice_setting_names(self) -> list[str]:
+        """The setting names applied to the lattice (all but the upstream ones)."""
+        return [name for name in self.setting_names if name not in self.upstream]
 
     @property
     def lattice_yaml(self) -> str:
@@ -138,10 +154,19 @@ def validate_scan(scan: ScanData, source: str = "scan") -> sim.Lattice:
         fail(f"/settings has {n_params} column(s) but {len(names)} name(s) {names}")
     if len(set(names)) != len(names):
         fail(f"/settings names repeat: {names}")
+    upstream = [str(n) for n in (scan.upstream or [])]
+    for name in upstream:
+        if name not in names:
+            fail(f"/settings attribute upstream names {name!r}, which is not a column of /settings {names}")
+        element = name.rpartition(".")[0]
+        if any(item.get("name") == element for item in scan.lattice):
+            fail(f"/settings attribute upstream names {name!r}, but {element} is an element of the lattice: upstream "
+                 "settings belong to machines before it (DESIGN.md, \"Conditional beams\")")
     try:
-        lattice.split_settings({name: 0.0 for name in names})
+        lattice.split_settings({name: 0.0 for name in names if name not in upstream})
     except (KeyError, ValueError) as err:
-        fail(f"unknown setting name: {err.args[0]}")
+        hint = " (an upstream machine setting must be listed in the /settings attribute upstream)"
+        fail(f"unknown setting name: {err.args[0]}" + (hint if "no element named" in str(err.args[0]) else ""))
     if not np.isfinite(settings).all():
         rows = np.flatnonzero(~np.isfinite(settings).all(axis=1)).tolist()
         fail(f"/settings contains NaN or infinite values (setting(s) {rows})")
@@ -212,6 +237,14 @@ def validate_scan(scan: ScanData, source: str = "scan") -> sim.Lattice:
             check_particles(scan.ground_truth)
         except ValueError as err:
             fail(f"/ground_truth: {err}")
+    if scan.upstream_truth is not None:
+        truth_settings = np.asarray(scan.upstream_truth.get("settings"), dtype=np.float64)
+        if not upstream or truth_settings.ndim != 2 or truth_settings.shape[1] != len(upstream):
+            fail(f"/ground_truth_upstream/settings must be (G, {len(upstream)}) upstream values, got shape "
+                 f"{truth_settings.shape}" + ("" if upstream else " (the file has no upstream settings)"))
+        for key, values in scan.upstream_truth.get("emittances", {}).items():
+            if np.shape(values) != (truth_settings.shape[0],):
+                fail(f"/ground_truth_upstream/emittances {key} must have {truth_settings.shape[0]} values")
     return lattice
 
 
@@ -274,6 +307,8 @@ def read_scan(path) -> ScanData:
             raise ScanFileError(str(err)) from None
         settings_node = _node(handle, "settings", h5py.Dataset, source)
         names = [_text(n) for n in np.atleast_1d(_attr(settings_node, "names", source)).reshape(-1)]
+        upstream = ([_text(n) for n in np.atleast_1d(settings_node.attrs["upstream"]).reshape(-1)]
+                    if "upstream" in settings_node.attrs else [])
         screens = {}
         for name in _node(handle, "screens", h5py.Group, source):
             group = _node(handle, f"screens/{name}", h5py.Group, source)
@@ -293,7 +328,10 @@ def read_scan(path) -> ScanData:
         scan = ScanData(
             lattice=lattice_items, settings=np.asarray(settings_node[()], dtype=np.float64), setting_names=names,
             screens=screens, p0c=p0c, species=_text(species), charge=charge, folder=str(Path(path).parent),
+            upstream=upstream,
         )
+        if isinstance(handle.get("ground_truth_upstream"), h5py.Group):
+            scan.upstream_truth = _read_upstream_truth(handle["ground_truth_upstream"], source)
         scan.p0c, scan.charge = _float(p0c, "p0c", fail), _float(charge, "charge", fail)
         if isinstance(handle.get("provenance"), h5py.Group):
             scan.provenance = {key: _text(_attr(handle["provenance"], key, source)) for key in handle["provenance"].attrs}
@@ -331,6 +369,8 @@ def write_scan(path, scan: ScanData) -> Path:
         handle.create_group("lattice").attrs["yaml"] = scan.lattice_yaml
         settings = handle.create_dataset("settings", data=np.asarray(scan.settings, dtype=np.float64))
         settings.attrs["names"] = np.array([str(n) for n in scan.setting_names], dtype=h5py.string_dtype())
+        if scan.upstream:
+            settings.attrs["upstream"] = np.array([str(n) for n in scan.upstream], dtype=h5py.string_dtype())
         screens = handle.create_group("screens")
         for name, screen in scan.screens.items():
             group = screens.create_group(name)
@@ -349,4 +389,24 @@ def write_scan(path, scan: ScanData) -> Path:
                 provenance.attrs[str(key)] = str(value)
         if scan.ground_truth is not None:
             write_bunch(handle.create_group("ground_truth"), scan.ground_truth, scan.p0c, scan.species, scan.charge)
+        if scan.upstream_truth is not None:
+            group = handle.create_group("ground_truth_upstream")
+            group.create_dataset("settings", data=np.asarray(scan.upstream_truth["settings"], dtype=np.float64))
+            keys = list(scan.upstream_truth.get("emittances", {}))
+            table = np.stack([np.asarray(scan.upstream_truth["emittances"][k], dtype=np.float64) for k in keys], -1)
+            group.create_dataset("emittances", data=table).attrs["names"] = np.array(keys, dtype=h5py.string_dtype())
+            if scan.upstream_truth.get("particles") is not None:
+                group.create_dataset("particles", data=np.asarray(scan.upstream_truth["particles"], dtype=np.float32),
+                                     compression="gzip", compression_opts=4, shuffle=True)
     return path
+
+
+def _read_upstream_truth(group, source: str) -> dict:
+    """/ground_truth_upstream as {"settings": (G, U), "emittances": {key: (G,)}, "particles": (G, n, 6) or None}."""
+    settings = _node(group, "settings", h5py.Dataset, source)[()]
+    emittances = _node(group, "emittances", h5py.Dataset, source)
+    keys = [_text(n) for n in np.atleast_1d(_attr(emittances, "names", source)).reshape(-1)]
+    table = np.asarray(emittances[()], dtype=np.float64).reshape(len(settings), len(keys))
+    particles = np.asarray(group["particles"][()], dtype=np.float64) if "particles" in group else None
+    return {"settings": np.asarray(settings, dtype=np.float64), "emittances": {k: table[:, i] for i, k in enumerate(keys)},
+            "particles": particles}

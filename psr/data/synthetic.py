@@ -97,3 +97,41 @@ class SyntheticBeam:
             halo = torch.rand(normal.shape[0], generator=generator, dtype=normal.dtype) < self.halo_fraction
             normal[halo, :4] *= self.halo_scale
         return normal
+
+
+class SyntheticInjector:
+    """A synthetic injector: the beam depends smoothly but nonlinearly on two upstream settings.
+
+    solenoid: name of the gun-solenoid setting (relative strength, nominal 1); spot: name of the laser-spot
+    setting (rms spot size relative to nominal 1). With s = (solenoid - 1) / 0.1 and r = spot:
+        emittance_x = emittance * r * (1 + 0.5 s^2)            (thermal ~ spot; compensated at s = 0)
+        emittance_y = 0.8 emittance * r * (1 + 0.3 (s - 0.4)^2)
+        beta_x = 5 exp(0.5 s) sqrt(r) [m], alpha_x = 1.2 tanh(1.5 s) + 0.4
+        beta_y = 4 exp(-0.4 s) [m],        alpha_y = -0.8 + 0.6 s^2
+        s_shape_x = 0.12 r^2               (spherical aberration of the larger spot: an S-shaped x-px)
+        nonlinear_xy = 0.3 s               (a curved x-y correlation that changes sign with s)
+    emittance: the geometric rms emittance [m] at the nominal point. `at(settings)` gives the
+    `SyntheticBeam` at {solenoid: value, spot: value}.
+    """
+
+    def __init__(self, solenoid: str = "GUN.solenoid", spot: str = "LASER.spot", emittance: float = 1.2e-8):
+        if not emittance > 0:
+            raise ValueError(f"emittance must be positive, got {emittance}")
+        self.solenoid, self.spot, self.emittance = solenoid, spot, emittance
+
+    @property
+    def setting_names(self) -> list[str]:
+        return [self.solenoid, self.spot]
+
+    def at(self, settings: dict[str, float]) -> SyntheticBeam:
+        missing = [n for n in self.setting_names if n not in settings]
+        if missing:
+            raise ValueError(f"the injector needs the upstream setting(s) {missing}; given {sorted(settings)}")
+        s, r = (float(settings[self.solenoid]) - 1.0) / 0.1, float(settings[self.spot])
+        if not r > 0:
+            raise ValueError(f"{self.spot} is a relative spot size and must be positive, got {r}")
+        return SyntheticBeam(
+            emittance_x=self.emittance * r * (1 + 0.5 * s**2), beta_x=5.0 * math.exp(0.5 * s) * math.sqrt(r),
+            alpha_x=1.2 * math.tanh(1.5 * s) + 0.4,
+            emittance_y=0.8 * self.emittance * r * (1 + 0.3 * (s - 0.4) ** 2), beta_y=4.0 * math.exp(-0.4 * s),
+            alpha_y=-0.8 + 0.6 * s**2, s_shape_x=0.12 * r**2, nonlinear_xy=0.3 * s)

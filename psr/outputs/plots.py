@@ -171,3 +171,24 @@ def plot_ensemble_profiles(path, measured: np.ndarray, profiles: dict, labels: l
     fig.suptitle(f"{screen}: measured (black),\nensemble mean +- 2 std (orange)", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def plot_conditional_emittances(path, rows: list[dict], keys: list[str]) -> None:
+    """Emittances [um] at every upstream setting of a conditional model: reconstructed (circles; held-out
+    settings as triangles) and true (crosses), one panel per emittance."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.4), squeeze=False)
+    index = np.arange(len(rows))
+    held = np.array([r["held_out"] for r in rows])
+    for ax, key in zip(axes[0], keys):
+        values = np.array([r["emittances"][key]["reconstructed"] for r in rows]) * 1e6
+        ax.plot(index[~held], values[~held], "o", ms=4, label="reconstructed")
+        ax.plot(index[held], values[held], "^", ms=5, label="held out")
+        true = np.array([r["emittances"][key].get("true", np.nan) for r in rows]) * 1e6
+        if np.isfinite(true).any():
+            ax.plot(index, true, "kx", ms=4, label="true")
+        ax.set_xlabel("upstream setting (file order)")
+        ax.set_ylabel(f"{key} [um]")
+        ax.legend(fontsize=6)
+    fig.suptitle("emittances at the upstream settings: " + ", ".join(rows[0]["upstream"]), fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -9,27 +9,11 @@ import torch
 
 import sim
 
+from psr.data.emittances import CORE_FRACTION, PLANES_4D, PLANES_6D, emittance_table  # noqa: F401 (re-exported)
 from psr.outputs.entropy import knn_entropy
 from psr.data.atomic import atomic_target, remove_stale_temporaries
 from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
-
-PLANES_4D = ("x", "y")
-PLANES_6D = ("x", "y", "z")
-CORE_FRACTION = 0.9  # the core emittances' share of the particles
-
-
-def emittance_table(particles: np.ndarray, p0c: float, species: str, planes) -> dict[str, float]:
-    """Normalized rms emittances [m] of the given planes (and the 4D/6D ones), and of each plane's
-    90 % core (`sim.ParticleBeam.core_emittance`: the 90 % of particles of smallest amplitude)."""
-    beam = sim.ParticleBeam(torch.as_tensor(particles, dtype=torch.float64), p0c=p0c, species=species)
-    table = {f"norm_emit_{p}": beam.emittance(p, normalized=True).item() for p in planes}
-    table.update({f"norm_emit_{p}_core90": beam.core_emittance(p, CORE_FRACTION, normalized=True).item() for p in planes})
-    table["norm_emit_4d"] = beam.emittance("4d", normalized=True).item()
-    if "z" in planes:
-        table["norm_emit_6d"] = beam.emittance("6d", normalized=True).item()
-    return table
-
 
 def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
     """{key: {"reconstructed", "true", "relative_error"}}."""
@@ -151,6 +135,22 @@ def write_report(model, datamodule, run_dir) -> dict:
         with atomic_target(run_dir / "calibration.json") as tmp:
             tmp.write_text(json.dumps(calibration, indent=2))
 
+    write_images(model, datamodule, run_dir, beam)
+    beams = {"reconstructed": particles}
+    if scan.ground_truth is not None:
+        beams["ground truth"] = scan.ground_truth
+    pairs = [("x", "px"), ("y", "py"), ("x", "y")]
+    if six_d:
+        pairs += [("z", "pz"), ("x", "z")]
+    plot_phase_space(run_dir / "phase_space.png", beams, pairs)
+    plot_loss(run_dir / "loss.png", run_dir / "metrics.csv")
+    return rows
+
+
+def write_images(model, datamodule, run_dir: Path, beam=None, per_row: int = 10) -> None:
+    """predicted_images.h5 and images_<screen>.png (measured above predicted at every setting the screen read,
+    validation settings marked) of the model's beam (a conditional model's beam at each setting by default)."""
+    scan = datamodule.scan
     settings = datamodule.settings.to(model.device)
     predicted = model.predict_images(settings, beam)
     write_predicted_images(run_dir / "predicted_images.h5", {k: v.float().cpu().numpy() for k, v in predicted.items()})
@@ -164,16 +164,7 @@ def write_report(model, datamodule, run_dir) -> dict:
         taken = datamodule.measured[name].numpy()  # plot the settings at which this screen was read
         plot_images(run_dir / f"images_{name}.png", datamodule.images[name].numpy()[taken],
                     predicted[name].float().cpu().numpy()[taken], extent,
-                    [label for label, t in zip(labels, taken) if t], name, validation[taken])
-    beams = {"reconstructed": particles}
-    if scan.ground_truth is not None:
-        beams["ground truth"] = scan.ground_truth
-    pairs = [("x", "px"), ("y", "py"), ("x", "y")]
-    if six_d:
-        pairs += [("z", "pz"), ("x", "z")]
-    plot_phase_space(run_dir / "phase_space.png", beams, pairs)
-    plot_loss(run_dir / "loss.png", run_dir / "metrics.csv")
-    return rows
+                    [label for label, t in zip(labels, taken) if t], name, validation[taken], per_row=per_row)
 
 
 def format_calibration(rows: dict) -> str:

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import lightning as L
 import torch
 from torch import nn
@@ -16,6 +18,18 @@ from psr.training.moments import moment_mismatch
 from psr.training.prior import derive_auto_prior
 
 LOSSES = ("l1", "mse")
+
+
+def scan_summary(scan, items: list[dict]) -> dict:
+    """What a trained model needs of its scan file to predict at new settings (`psr predict`): the lattice
+    entries as tracked (after replacements), setting names, upstream names and the range of every setting."""
+    from psr.data.scanfile import _plain
+
+    settings = scan.settings
+    return {"lattice": _plain(items), "setting_names": list(scan.setting_names),
+            "upstream": list(getattr(scan, "upstream", None) or []), "p0c": float(scan.p0c), "species": scan.species,
+            "charge": float(scan.charge), "folder": getattr(scan, "folder", None),
+            "low": settings.min(0).tolist(), "high": settings.max(0).tolist()}
 
 
 def image_loss(predicted: torch.Tensor, measured: torch.Tensor, kind: str, pyramid: int = 0) -> torch.Tensor:
@@ -143,6 +157,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.lattice: sim.Lattice | None = None
         self.setting_names: list[str] = []
         self.setting_routes: dict[str, str] = {}  # scan settings taken by a neural element that replaced a section
+        self.upstream: list[str] = []  # upstream settings (DESIGN.md "Conditional beams"): the generator's inputs
+        self.scan_summary: dict | None = None  # what `psr predict` needs of the scan file (saved with checkpoints)
         self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
 
     def configure_scan(self, scan) -> None:
@@ -153,15 +169,50 @@ class PhaseSpaceReconstruction(L.LightningModule):
             if name not in names:
                 raise ValueError(f"model.tracking names element {name!r}, which is not in the lattice; elements: {names}")
             items[names.index(name)]["tracking"] = method
-        space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
-        if space_charge is not None and not scan.charge > 0:
+        if self.hparams.space_charge is not None and not scan.charge > 0:
             raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
-        items, self.setting_routes = replace_sections(items, self.hparams.get("replace"), scan.setting_names)
-        self.lattice = build_lattice(items, getattr(scan, "folder", None), space_charge).to(self.device)
-        self.p0c, self.species, self.charge = scan.p0c, scan.species, scan.charge
-        self.setting_names = list(scan.setting_names)
-        self.calibration.bind(self.lattice, self.setting_names, scan.settings)
-        self.centred = centred_screens(scan)
+        items, routes = replace_sections(items, self.hparams.get("replace"), scan.setting_names)
+        summary = scan_summary(scan, items)
+        summary["routes"], summary["centred"] = routes, sorted(centred_screens(scan))
+        self.configure_summary(summary)
+
+    def configure_summary(self, summary: dict) -> None:
+        """Build the lattice, calibration and conditions from a scan summary (`scan_summary`; saved with every
+        checkpoint, so a trained run predicts without its scan file: `psr predict`)."""
+        space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
+        self.lattice = build_lattice(summary["lattice"], summary.get("folder"), space_charge).to(self.device)
+        self.setting_routes = dict(summary.get("routes") or {})
+        self.p0c, self.species, self.charge = summary["p0c"], summary["species"], summary["charge"]
+        self.setting_names = list(summary["setting_names"])
+        self.upstream = list(summary.get("upstream") or [])
+        ranges = np.array([summary["low"], summary["high"]], dtype=np.float64)  # what the defaults of steps need
+        self._configure_conditions(ranges)
+        lattice_columns = [i for i, name in enumerate(self.setting_names) if name not in self.upstream]
+        self.calibration.bind(self.lattice, [self.setting_names[i] for i in lattice_columns], ranges[:, lattice_columns])
+        self.centred = set(summary.get("centred") or [])
+        self.scan_summary = summary
+
+    def _configure_conditions(self, ranges: np.ndarray) -> None:
+        """A conditional generator takes the scan file's upstream settings as inputs (their training range (2, P)
+        from the file); a plain one cannot use them."""
+        conditional = hasattr(self.generator, "configure_conditions")
+        if self.upstream and not conditional:
+            raise ValueError(f"the scan file has upstream settings {self.upstream} (the beam changes with them): "
+                             f"model.generator must be a conditional beam model (models.ConditionalMLPBeam), got "
+                             f"{type(self.generator).__name__}")
+        if conditional and not self.upstream:
+            raise ValueError(f"model.generator {type(self.generator).__name__} is a conditional beam model, but the scan "
+                             "file lists no upstream settings (the /settings attribute upstream)")
+        if conditional and not self.generator.configured:
+            values = ranges[:, [self.setting_names.index(name) for name in self.upstream]]
+            self.generator.configure_conditions(self.upstream, values.min(0), values.max(0))
+            self.generator.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["psr_scan"] = self.scan_summary
+
+    def upstream_columns(self) -> list[int]:
+        return [self.setting_names.index(name) for name in self.upstream]
 
     def setup(self, stage: str) -> None:
         if self.lattice is None:
@@ -174,18 +225,65 @@ class PhaseSpaceReconstruction(L.LightningModule):
             self.prior_derived.fill_(True)
 
     def beam(self, n_particles: int | None = None) -> sim.ParticleBeam:
-        """The current reconstructed beam."""
+        """The current reconstructed beam (of a conditional model: at the centre of its training range)."""
+        if self.upstream:
+            return sim.ParticleBeam(self.generator(None, n_particles), self.p0c, self.species, self.charge)
         return sim.ParticleBeam(self.generator(n_particles), self.p0c, self.species, self.charge)
+
+    def beam_at(self, conditions: torch.Tensor, n_particles: int | None = None) -> sim.ParticleBeam:
+        """A conditional model's beams (G, N, 6) at upstream settings (G, U) (columns in `self.upstream` order)."""
+        return sim.ParticleBeam(self.generator(conditions, n_particles), self.p0c, self.species, self.charge)
+
+    def _conditional_beam(self, settings: torch.Tensor) -> sim.ParticleBeam:
+        """The beams (B, N, 6) at each of B settings' upstream values: generated once per distinct value."""
+        conditions = settings[:, self.upstream_columns()]
+        distinct, inverse = torch.unique(conditions, dim=0, return_inverse=True)
+        beams = self.beam_at(distinct)
+        return beams.with_particles(beams.particles[inverse])
 
     def predict_images(self, settings: torch.Tensor, beam: sim.ParticleBeam | None = None,
                        measured: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Images (B, H, W) of every screen for settings (B, P); with `measured` ({screen: (B,) flags})
         only the images of the measured settings, (M, H, W) per screen."""
+        if self.upstream and (beam is None or beam.particles.ndim == 2):
+            beam = self._conditional_beam(settings)
         beam = beam if beam is not None else self.beam()
-        values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)}
+        values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)
+                  if name not in self.upstream}
         values = self.calibration(values, self.lattice)
         values = {self.setting_routes.get(name, name): value for name, value in values.items()}
         return self.lattice(beam, values, screen_rows=measured).images
+
+    @torch.no_grad()
+    def predict_at(self, settings: dict[str, torch.Tensor], n_particles: int | None = None):
+        """The beams and images at R rows of settings {name: (R,) values}: upstream names set the conditional
+        beam, the others the lattice (as in the fit: calibration applied; a scanned setting left out keeps the
+        lattice's value). Returns (beam: particles (R, N, 6) or (N, 6) for a beam that no setting changes,
+        images {screen: (R, H, W)})."""
+        rows = len(next(iter(settings.values())))
+        dtype = self.lattice_dtype()
+        if self.upstream:
+            conditions = torch.stack([torch.as_tensor(settings[n], dtype=dtype) for n in self.upstream], -1)
+            beam = self.beam_at(conditions.to(self.device), n_particles)
+        else:
+            beam = self.beam(n_particles)
+        values = {name: torch.as_tensor(v, dtype=dtype, device=self.device) for name, v in settings.items()
+                  if name not in self.upstream}
+        for name in self.setting_names:
+            if name not in self.upstream and name not in values:
+                element, parameter = sim.lattice.parse_setting_name(self.setting_routes.get(name, name))
+                stored = getattr(self.lattice[element], parameter, None)
+                if stored is None:  # a setting taken by a neural element: its nominal is the scan's middle
+                    index = self.setting_names.index(name)
+                    stored = torch.tensor(0.5 * (self.scan_summary["low"][index] + self.scan_summary["high"][index]))
+                values[name] = torch.as_tensor(stored, dtype=dtype, device=self.device).expand(rows).clone()
+        values = self.calibration({k: v.to(beam.particles.dtype) for k, v in values.items()}, self.lattice)
+        values = {self.setting_routes.get(name, name): value for name, value in values.items()}
+        return beam, self.lattice(beam, values).images
+
+    def lattice_dtype(self) -> torch.dtype:
+        tensors = list(self.generator.buffers()) + list(self.generator.parameters())
+        return tensors[0].dtype if tensors else torch.float32
 
     @property
     def max_entropy(self) -> bool:
@@ -260,7 +358,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         call it (they share the work)."""
         return self._sum_over_processes(self._loss(batch, self.beam(n_particles), share=True)).item()
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx):  # noqa: D102
         if not self.max_entropy:
             share = self._loss(batch, share=True)
             loss = self._sum_over_processes(share)
