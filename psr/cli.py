@@ -373,6 +373,12 @@ def print_ensemble_summary(folder: Path) -> None:
                                              f"{100 * UNDETERMINED_SPREAD:g} %)")
         print(f"{key}: mean +- 2 std = [{low:.4e}, {high:.4e}]{verdict}{note}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
+    if summary.get("by_upstream"):
+        checks = [(key, e["truth_in_band"]) for row in summary["by_upstream"] for key, e in row["emittances"].items()
+                  if "truth_in_band" in e]
+        print(f"at the {len(summary['by_upstream'])} upstream settings (conditional model; beam.h5 above is the first): "
+              f"{sum(ok for _, ok in checks)} of {len(checks)} +-2 std bands hold the truth (ensemble_emittances.json, "
+              "by_upstream)")
     if summary.get("calibration"):
         from psr.outputs.report import format_calibration
 

@@ -222,3 +222,19 @@ def test_fit_generator_and_file_must_agree(case, scan_path, tmp_path, capfd):
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith("psr fit: error: "), lines
     assert all(word in lines[0] for word in words), lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_ensemble_spread_at_each_upstream_setting():
+    """Conditional ensembles: at each upstream setting the members' mean, sample std and +-2 std band, and whether
+    the band holds the truth."""
+    from psr.outputs.ensemble_summary import upstream_spread
+
+    def points(values):
+        return [{"upstream": {"A.a": float(g)}, "held_out": g == 1,
+                 "emittances": {"norm_emit_x": {"reconstructed": v, "true": 1.0}}} for g, v in enumerate(values)]
+
+    rows = upstream_spread([points([1.0, 1.10]), points([1.02, 1.12]), points([0.98, 1.14])])
+    first, second = rows[0]["emittances"]["norm_emit_x"], rows[1]["emittances"]["norm_emit_x"]
+    assert first["mean"] == pytest.approx(1.0) and first["std"] == pytest.approx(0.02)
+    assert first["truth_in_band"] and not second["truth_in_band"]  # 1.12 +- 0.04 misses 1.0
+    assert second["band_2std"] == pytest.approx([1.08, 1.16]) and rows[1]["held_out"]

@@ -31,7 +31,7 @@ def _member_data(folder: Path) -> dict:
         images = {name: handle[name][...] for name in handle}
     report = json.loads((folder / "emittances.json").read_text()) if (folder / "emittances.json").exists() else {}
     calibration = json.loads((folder / "calibration.json").read_text()) if (folder / "calibration.json").exists() else None
-    return {"calibration": calibration, "path": config["data"]["path"], "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
+    return {"calibration": calibration, "path": config["data"]["path"], "points": report.get("points"), "n_dim": int(config["model"]["generator"]["init_args"].get("n_dim", 6)),
             "particles": read_openpmd(folder / "beam.h5").particles, "images": images,
             "entropy": report.get("entropy_nats", {}).get("reconstructed")}
 
@@ -98,6 +98,8 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
                                 "members": entropies} if len(entropies) == len(members) else None,
                "projection_spread": projection_spread,
                "mean_projection_spread": float(np.mean(list(projection_spread.values())))}
+    if all(m["points"] for m in members):  # conditional models: the spread at every upstream setting
+        summary["by_upstream"] = upstream_spread([m["points"] for m in members])
     calibrations = [m["calibration"] for m in members]
     if all(calibrations) and len({tuple(c) for c in calibrations}) == 1:
         summary["calibration"] = calibration_spread(calibrations)
@@ -118,6 +120,23 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
         plot_ensemble_profiles(folder / f"ensemble_profiles_{name}.png", measured[taken], taken_profiles,
                                [label for label, t in zip(labels, taken) if t], name)
     return folder
+
+
+def upstream_spread(members_points: list[list[dict]]) -> list[dict]:
+    """Per upstream setting of conditional members' emittances.json points: mean, std, +-2 std band of each
+    emittance and whether the band holds the truth (where known)."""
+    rows = []
+    for g, first in enumerate(members_points[0]):
+        row = {"upstream": first["upstream"], "held_out": first["held_out"], "emittances": {}}
+        for key, entry in first["emittances"].items():
+            values = np.array([points[g]["emittances"][key]["reconstructed"] for points in members_points])
+            mean, std = float(values.mean()), float(values.std(ddof=1))
+            item = {"mean": mean, "std": std, "band_2std": [mean - 2 * std, mean + 2 * std], "members": values.tolist()}
+            if "true" in entry:
+                item.update(true=entry["true"], truth_in_band=bool(mean - 2 * std <= entry["true"] <= mean + 2 * std))
+            row["emittances"][key] = item
+        rows.append(row)
+    return rows
 
 
 _PLOTTED_PAIRS = ("x-px", "y-py", "x-y", "z-pz", "x-z")
