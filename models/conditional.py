@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .generator import ACTIVATIONS, check_longitudinal, draw_base_samples, per_coordinate_scale
+from .generator import ACTIVATIONS, check_generator_arguments, check_longitudinal, draw_base_samples, per_coordinate_scale
 
 
 class ConditionalMLPBeam(nn.Module):
@@ -38,12 +38,7 @@ class ConditionalMLPBeam(nn.Module):
                  condition_width: int = 32, condition_layers: int = 2, longitudinal: Sequence[float] | None = None,
                  resample: bool = False):
         super().__init__()
-        if n_dim not in (4, 6):
-            raise ValueError(f"n_dim must be 4 or 6, got {n_dim}")
-        if n_particles < 2:
-            raise ValueError(f"n_particles must be at least 2, got {n_particles}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        check_generator_arguments(n_dim, n_particles, activation)
         if min(hidden_width, hidden_layers, condition_width, condition_layers) < 1:
             raise ValueError("hidden_width, hidden_layers, condition_width and condition_layers must be >= 1")
         longitudinal = check_longitudinal(longitudinal, n_dim)

@@ -23,6 +23,16 @@ def per_coordinate_scale(scale, n_dim: int) -> torch.Tensor:
     return scale
 
 
+def check_generator_arguments(n_dim: int, n_particles: int, activation: str) -> None:
+    """A beam model's dimension (4 or 6), particle count (>= 2) and activation (a key of ACTIVATIONS), checked."""
+    if n_dim not in (4, 6):
+        raise ValueError(f"n_dim must be 4 or 6, got {n_dim}")
+    if n_particles < 2:
+        raise ValueError(f"n_particles must be at least 2, got {n_particles}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+
+
 def check_longitudinal(longitudinal, n_dim: int) -> list[float] | None:
     """(sigma_z [m], sigma_pz) of a 4D beam model's fixed Gaussian z, pz, checked; None stays None."""
     if longitudinal is None:
@@ -71,12 +81,7 @@ class MLPBeamGenerator(nn.Module):
         centred: bool = False,
     ):
         super().__init__()
-        if n_dim not in (4, 6):
-            raise ValueError(f"n_dim must be 4 or 6, got {n_dim}")
-        if n_particles < 2:
-            raise ValueError(f"n_particles must be at least 2, got {n_particles}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        check_generator_arguments(n_dim, n_particles, activation)
         scale = per_coordinate_scale(scale, n_dim)
         longitudinal = check_longitudinal(longitudinal, n_dim)
         self.n_dim = n_dim

@@ -24,14 +24,20 @@ def upstream_points(scan) -> tuple[np.ndarray, np.ndarray]:
     return points, groups
 
 
-def true_rows(scan, points: np.ndarray) -> list[dict | None]:
-    """The true emittance table at each upstream point, where the file has one (/ground_truth_upstream)."""
+def truth_indices(scan, points: np.ndarray) -> list[int | None]:
+    """Each upstream point's row in the file's true beams (/ground_truth_upstream); None where it has none."""
     truth = scan.upstream_truth
-    rows = []
+    indices = []
     for point in points:
         match = [] if truth is None else np.flatnonzero(np.isclose(truth["settings"], point, rtol=1e-9, atol=1e-12).all(1))
-        rows.append({k: float(v[match[0]]) for k, v in truth["emittances"].items()} if len(match) else None)
-    return rows
+        indices.append(int(match[0]) if len(match) else None)
+    return indices
+
+
+def true_rows(scan, indices: list[int | None]) -> list[dict | None]:
+    """The true emittance table at each upstream point (`truth_indices`), where the file has one."""
+    return [None if i is None else {k: float(v[i]) for k, v in scan.upstream_truth["emittances"].items()}
+            for i in indices]
 
 
 @torch.no_grad()
@@ -50,7 +56,8 @@ def write_conditional_report(model, datamodule, run_dir) -> dict:
     planes = PLANES_6D if getattr(model.generator, "n_dim", 4) == 6 else PLANES_4D
     particles = model.beam_at(torch.as_tensor(points, dtype=torch.float32, device=model.device),
                               max(REPORT_PARTICLES, model.generator.n_particles)).particles.double().cpu().numpy()
-    truths = true_rows(scan, points)
+    indices = truth_indices(scan, points)
+    truths = true_rows(scan, indices)
     rows, kept = [], []
     for g, point in enumerate(points):
         notes, keep = write_beam(run_dir / "beams" / f"upstream_{g}.h5", particles[g], scan)
@@ -71,10 +78,8 @@ def write_conditional_report(model, datamodule, run_dir) -> dict:
         tag = "held out " if g in held_out else ""
         label = ", ".join(f"{v:.3g}" for v in points[g])
         beams[f"{tag}({label})"] = kept[g]
-        if scan.upstream_truth is not None and truths[g] is not None:
-            match = np.flatnonzero(np.isclose(scan.upstream_truth["settings"], points[g]).all(1))[0]
-            if scan.upstream_truth.get("particles") is not None:
-                beams[f"truth ({label})"] = scan.upstream_truth["particles"][match]
+        if indices[g] is not None and scan.upstream_truth.get("particles") is not None:
+            beams[f"truth ({label})"] = scan.upstream_truth["particles"][indices[g]]
     plot_phase_space(run_dir / "phase_space.png", beams, [("x", "px"), ("y", "py"), ("x", "y")])
     plot_loss(run_dir / "loss.png", run_dir / "metrics.csv")
     return report
