@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest tests "$@"
+# two workers, one per core; each test file stays in one worker (its module fixtures are made once)
+python -m pytest tests -n 2 --dist loadfile "$@"

@@ -108,11 +108,11 @@ def test_corrections_fit_through_the_lattice(beam, one_thread):
 
 def test_fit_calibrates_the_shipped_machine(tmp_path, one_thread):
     """`psr fit` with model.calibrate on the shipped two-quadrupole scan of a miscalibrated machine (reduced:
-    5k particles, 900 steps): calibration.json holds the true machine, the emittances the true beam."""
+    5k particles, 800 steps): calibration.json holds the true machine, the emittances the true beam."""
     from psr.cli import main
 
     main(["fit", "--config", "configs/two_quad_calibration.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-          "--model.generator.init_args.n_particles=5000", "--trainer.max_epochs=9", "--trainer.enable_progress_bar=false"])
+          "--model.generator.init_args.n_particles=5000", "--trainer.max_epochs=8", "--trainer.enable_progress_bar=false"])
     run = next(tmp_path.glob("two_quad_calibration/version_*"))
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["Q1.k1"]["kind"] == "scale" and calibration["Q1.k1"]["init"] == 1.0

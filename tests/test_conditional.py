@@ -126,7 +126,7 @@ def trained_run(scan_path, tmp_path_factory):
                                "init_args": {"save_dir": str(folder), "name": "cond"}}},
         "model": {"generator": {"class_path": "models.ConditionalMLPBeam",
                                 "init_args": {"n_particles": 2000, "hidden_width": 32, "scale": 1e-3, "resample": True}},
-                  "lr": 0.01, "moment_weight": 0.3},
+                  "lr": 0.01, "moment_weight": 1.0},  # as configs/conditional_injector.yaml
         "data": {"path": str(scan_path), "val_every": 4, "steps_per_epoch": 100},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))

@@ -24,7 +24,7 @@ SCANS = {"few": [-5.0, 10.0], "many": list(np.linspace(-8.0, 16.0, 7))}
 
 @pytest.fixture(scope="module")
 def ensembles(tmp_path_factory):
-    """Three-member ensembles of MLP fits (600 steps, 3000 particles) of a 2-setting and a 7-setting scan."""
+    """Three-member ensembles of MLP fits (400 steps, 2000 particles) of a 2-setting and a 7-setting scan."""
     folder = tmp_path_factory.mktemp("ensemble")
     (folder / "lattice.yaml").write_text(yaml.safe_dump(LATTICE))
     beam = SyntheticBeam(emittance_x=1.7e-8, beta_x=6.0, alpha_x=1.5, emittance_y=1.3e-8, beta_y=4.0, alpha_y=-1.0,
@@ -34,8 +34,8 @@ def ensembles(tmp_path_factory):
         scan = simulate(str(folder / f"{tag}.h5"), str(folder / "lattice.yaml"), {"Q1.k1": k1}, p0c=60e6, beam=beam,
                         n_particles=50_000, seed=2)
         main(["ensemble", "--members", "3", "--name", tag, "--config", "configs/quad_scan_4d.yaml",
-              f"--data.path={scan}", "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=6",
-              "--model.generator.init_args.n_particles=3000", f"--trainer.logger.init_args.save_dir={folder}",
+              f"--data.path={scan}", "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=4",
+              "--model.generator.init_args.n_particles=2000", f"--trainer.logger.init_args.save_dir={folder}",
               "--trainer.enable_progress_bar=false"])
         summaries[tag] = folder / "quad_scan_4d" / tag
     return summaries

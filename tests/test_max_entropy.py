@@ -102,8 +102,8 @@ def test_max_entropy_fit_reaches_the_known_maximum(two_setting_scan, tmp_path):
     # the GPSR-style MLP generator's plain fit (no density: the kNN estimate), and the kNN estimate of
     # the max-ent beam's own particles agreeing with its log-density estimate
     mlp = fit_cli(["fit", "--config", "configs/quad_scan_4d.yaml", f"--data.path={two_setting_scan}",
-                   "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=6",
-                   "--model.generator.init_args.n_particles=10000", "--model.generator.init_args.scale=[3e-4,1e-4,3e-4,1e-4]",
+                   "--data.val_every=0", "--data.steps_per_epoch=100", "--trainer.max_epochs=4",
+                   "--model.generator.init_args.n_particles=5000", "--model.generator.init_args.scale=[3e-4,1e-4,3e-4,1e-4]",
                    f"--trainer.logger.init_args.save_dir={tmp_path}",
                    "--trainer.enable_progress_bar=false"])
     h_mlp = knn_entropy(mlp.model.generator().detach()[:, :4])

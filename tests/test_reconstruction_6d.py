@@ -96,11 +96,11 @@ def test_tracking_override_is_checked():
 
 
 def test_6d_fit_recovers_the_truth(scan_6d, tmp_path):
-    """A smaller copy of the shipped example (64 px screens, 8k particles, 800 steps): every emittance
+    """A smaller copy of the shipped example (64 px screens, 8k particles, 600 steps): every emittance
     comes out near the truth (the full example on a GPU with 200k particles: all within 5 %)."""
     cli = fit_cli(args=[
         "fit", "--config", "configs/gpsr_6d.yaml", f"--data.path={scan_6d}", "--data.steps_per_epoch=50",
-        "--trainer.max_epochs=16", "--model.generator.init_args.n_particles=8000",
+        "--trainer.max_epochs=12", "--model.generator.init_args.n_particles=8000",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])
     run_dir = cli.trainer.log_dir

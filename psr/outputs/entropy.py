@@ -3,16 +3,17 @@
 import math
 
 import torch
+from scipy.spatial import cKDTree
 
 
-def knn_entropy(particles: torch.Tensor, k: int = 5, chunk: int = 2048) -> float:
+def knn_entropy(particles: torch.Tensor, k: int = 5) -> float:
     """Kozachenko-Leonenko k-nearest-neighbour estimate of the differential entropy [nats] of the
     distribution behind `particles` (N, d), in their units (Bmad: m and 1).
 
     H = psi(N) - psi(k) + log V_d + d mean(log eps_i), eps_i the distance from particle i to its k-th
     neighbour and V_d the volume of the unit d-ball. The particles are whitened first (x = L u with
     L L^T their covariance; H adds log det L), so the distances are taken in units of the beam size.
-    Cost O(N^2 d): fine up to ~50k particles.
+    Neighbours from a k-d tree: O(N log N) in 2-6 dimensions (10k particles in 6D: ~0.1 s).
     """
     x = torch.as_tensor(particles, dtype=torch.float64)
     if x.ndim != 2 or x.shape[0] <= k:
@@ -26,11 +27,9 @@ def knn_entropy(particles: torch.Tensor, k: int = 5, chunk: int = 2048) -> float
     except RuntimeError:
         raise ValueError("the particles' covariance is singular (a coordinate is constant?)") from None
     u = torch.linalg.solve_triangular(cholesky, centred.T, upper=False).T
-    log_eps = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        distances = torch.cdist(u[start:start + chunk], u)
-        distances[torch.arange(distances.shape[0]), torch.arange(start, start + distances.shape[0])] = math.inf
-        log_eps[start:start + chunk] = torch.log(distances.topk(k, dim=1, largest=False).values[:, -1])
+    points = u.detach().cpu().numpy()
+    distances, _ = cKDTree(points).query(points, k=k + 1)  # the first neighbour is the particle itself
+    log_eps = torch.log(torch.as_tensor(distances[:, -1]))
     log_unit_ball = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
     digamma = torch.special.digamma(torch.tensor([float(n), float(k)], dtype=torch.float64))
     h_white = (digamma[0] - digamma[1]).item() + log_unit_ball + d * log_eps.mean().item()
