@@ -1,12 +1,15 @@
 """The conditional beam model against independent reconstructions at each upstream setting, with the same images.
 
     python benchmarks/conditional_injector.py [--run runs/conditional_injector/version_N] [--max_epochs 8]
+                                              [--independent independent.json]
 
 Without --run it first fits configs/conditional_injector.yaml (timed). Then, for every upstream setting of
 data/conditional_injector.h5, it fits the shipped 4D defaults (configs/quad_scan_4d.yaml, a plain
 MLPBeamGenerator) to that setting's 3 images alone, and prints, per upstream setting and summarized over the
 training and the held-out settings, the emittance errors of both against the true beams. The held-out
-settings' images were not seen by the conditional model; the independent fits do see them.
+settings' images were not seen by the conditional model; the independent fits do see them. With
+--independent FILE the independent fits' emittances are read from FILE when it exists (written there
+otherwise), so a new conditional run is compared without refitting the 36 settings.
 """
 
 import argparse
@@ -63,6 +66,7 @@ def main_benchmark() -> None:
     parser.add_argument("--data", default=str(ROOT / "data/conditional_injector.h5"))
     parser.add_argument("--max_epochs", type=int, default=8, help="epochs (100 steps) of each independent fit")
     parser.add_argument("--limit", type=int, default=None, help="independent fits of only the first N settings")
+    parser.add_argument("--independent", default=None, help="JSON of the independent fits' emittances (read/written)")
     options = parser.parse_args()
     if options.run is None:
         run, seconds = fit(["--config", str(ROOT / "configs/conditional_injector.yaml"), f"--data.path={options.data}"])
@@ -74,6 +78,11 @@ def main_benchmark() -> None:
     points, groups = upstream_points(scan)
     count = len(points) if options.limit is None else min(options.limit, len(points))
     errors = {"conditional": {True: [], False: []}, "independent": {True: [], False: []}}
+    cache = Path(options.independent) if options.independent else None
+    stored = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
+    if stored and stored.get("data") != str(Path(options.data).resolve()):
+        sys.exit(f"{cache}: independent fits of {stored.get('data')}, not of {options.data}")
+    fitted = {}
     print(f"{'upstream':>16s} {'held':>5s}  " + "  ".join(f"{k[10:]:>18s}" for k in KEYS) + "   (conditional / independent error)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +90,11 @@ def main_benchmark() -> None:
             row = report["points"][g]
             truth = {k: row["emittances"][k]["true"] for k in KEYS}
             conditional = {k: row["emittances"][k]["reconstructed"] for k in KEYS}
-            alone = independent_fit(scan, np.flatnonzero(groups == g), Path(tmp) / f"p{g}", options.max_epochs)
+            if str(g) in stored.get("points", {}):
+                alone = stored["points"][str(g)]
+            else:
+                alone = independent_fit(scan, np.flatnonzero(groups == g), Path(tmp) / f"p{g}", options.max_epochs)
+            fitted[str(g)] = alone
             c_err = np.array([conditional[k] / truth[k] - 1 for k in KEYS])
             i_err = np.array([alone[k] / truth[k] - 1 for k in KEYS])
             errors["conditional"][row["held_out"]].append(c_err)
@@ -89,7 +102,11 @@ def main_benchmark() -> None:
             label = ", ".join(f"{v:.3g}" for v in points[g])
             print(f"{label:>16s} {'yes' if row['held_out'] else '':>5s}  "
                   + "  ".join(f"{100 * c:+7.2f}/{100 * i:+7.2f} %" for c, i in zip(c_err, i_err)), flush=True)
-    print(f"independent fits: {time.perf_counter() - started:.0f} s for {count} upstream settings")
+    print(f"independent fits: {time.perf_counter() - started:.0f} s for {count} upstream settings"
+          + (f" (read from {cache})" if stored else ""))
+    if cache is not None and not stored:
+        cache.write_text(json.dumps({"data": str(Path(options.data).resolve()), "max_epochs": options.max_epochs,
+                                     "points": fitted}, indent=1))
     for held in (False, True):
         for method in ("conditional", "independent"):
             table = np.abs(np.array(errors[method][held]))
