@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-# two workers, one per core; each test file stays in one worker (its module fixtures are made once)
+# two workers (these machines have 2 cores; tests/conftest.py gives each its share of threads); each test file
+# stays in one worker, so its module fixtures are made once
 python -m pytest tests -n 2 --dist loadfile "$@"
