@@ -11,7 +11,9 @@ of x and y and the l1 image mismatch of the training and held-out settings (unit
 
 Fits run --jobs at a time, one torch thread each (two OpenMP threads per fit on 2 shared cores
 stall each other). --seeds N1 N2 ...: one fit per seed (seed_everything and the generator's base
-samples), for ensemble spreads. A JSON line per fit is printed and appended to <folder>/results.jsonl.
+samples), for ensemble spreads. A JSON line per fit is printed and appended to <folder>/results.jsonl;
+then, per beam with two or more seeds, each emittance's +-2 std band and whether it holds the truth
+(--summary FILE: only that, for a results.jsonl).
 """
 
 import argparse
@@ -49,7 +51,8 @@ BEAMLINES = {
     "sc0": ("data/sc_quad_scan.simulate.yaml", "configs/sc_quad_scan.yaml", None, (200, 120e-6)),
 }
 # the shipped space-charge config leaves the hard-beam options off (README "Hard beams"): they are added here
-HARD_OPTIONS = ["--model.generator.init_args.tail_skip", "true", "--model.moment_weight", "0.3"]
+HARD_OPTIONS = ["--model.generator.init_args.tail_skip", "true", "--model.generator.init_args.plane_profiles", "true",
+                "--model.moment_weight", "0.3", "--model.moment_kurtosis", "true"]
 FIT_EXTRA = {"sc0": ["--model.space_charge", "null", *HARD_OPTIONS], "sc": HARD_OPTIONS}
 KEYS = ("norm_emit_x", "norm_emit_y", "norm_emit_x_core90", "norm_emit_y_core90")
 
@@ -121,6 +124,28 @@ def fit(folder: Path, scan: Path, beamline: str, seed: int, extra: list[str], ta
     return out
 
 
+def coverage(results: list[dict]) -> None:
+    """Per scan and tag with two or more seeds: each emittance's members' mean error, the +-2 std band
+    (ddof 1, as psr ensemble) and whether it holds the truth (error 0); then the count over all."""
+    groups = {}
+    for row in results:
+        if "error" not in row:
+            groups.setdefault((row["scan"], row["tag"]), []).append(row)
+    held = total = 0
+    for (scan, tag), rows in sorted(groups.items()):
+        if len(rows) < 2:
+            continue
+        cells = []
+        for key in KEYS:
+            errors = np.array([row[key] for row in rows])
+            mean, std = errors.mean(), errors.std(ddof=1)
+            holds = mean - 2 * std <= 0 <= mean + 2 * std
+            held, total = held + holds, total + 1
+            cells.append(f"{key.removeprefix('norm_emit_')} {mean:+.2f} +- {2 * std:.2f} % {'holds' if holds else 'MISSES'}")
+        print(f"{scan} [{tag}, {len(rows)} seeds]: " + "; ".join(cells))
+    print(f"bands holding the truth: {held} of {total}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--beams", nargs="+", default=list(FAMILY), choices=list(FAMILY))
@@ -130,13 +155,19 @@ def main() -> None:
     parser.add_argument("--tag", default="default", help="a name for this variant in the results")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="only print the coverage of the fits in this results.jsonl")
     args = parser.parse_args()
+    if args.summary:
+        coverage([json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()])
+        return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="psr_hard_beams_"))
     folder.mkdir(parents=True, exist_ok=True)
     print(f"folder: {folder}", flush=True)
     jobs = [(beam, beamline, seed) for beamline in args.beamlines for beam in args.beams for seed in args.seeds]
     scans = {(b, l): make_scan(folder, b, l) for b, l, _ in jobs}
     extra = args.extra.split()
+    results = []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(fit, folder, scans[(b, l)], l, s, extra, args.tag) for b, l, s in jobs]
         for future in futures:
@@ -144,6 +175,8 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             with open(folder / "results.jsonl", "a") as handle:
                 handle.write(json.dumps(result) + "\n")
+            results.append(result)
+    coverage(results)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,12 @@ class MLPBeamGenerator(nn.Module):
     the start) of tail features of the base samples b: b_i^3 (unit rms; S-shaped phase spaces, as
     third-order aberrations give) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile (halos), so
     tails can grow faster than linearly: a SiLU network with a linear skip grows at most linearly.
+    plane_profiles adds a linear map (zero at the start) of q_k / r_k R_k(r_k) for each pair q_k of
+    coordinates q = P b (P learned, starting at the identity), r_k = |q_k| and R_k > 0 a learned radius:
+    a hole or a ring in one
+    plane (hollow beams from ring-shaped laser spots; R_k(0) > 0 opens the hole). A continuous map of a
+    Gaussian leaves the particles near the axis inside the hole (measured: the fit fills it); the linear
+    map turns the plane where the data want it.
     centred: the beam's transverse centroid (x, px, y, py) is held at zero, the design orbit (the
     particles' mean is subtracted): for an incoming orbit known from upstream beam-position monitors.
     Where magnet offsets and screen centres are fitted (`model.calibrate`), the incoming orbit is
@@ -79,6 +85,7 @@ class MLPBeamGenerator(nn.Module):
         longitudinal: Sequence[float] | None = None,
         tail_skip: bool = False,
         centred: bool = False,
+        plane_profiles: bool = False,
     ):
         super().__init__()
         check_generator_arguments(n_dim, n_particles, activation)
@@ -103,11 +110,26 @@ class MLPBeamGenerator(nn.Module):
             nn.init.zeros_(self.tail.weight)
             self.radial = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
             self.register_buffer("cube_scale", self.base_samples[:, :n_dim].pow(3).std(0))
+        self.plane = self.plane_radial = None
+        if plane_profiles:
+            self.plane = nn.Linear(n_dim, n_dim, bias=False)
+            nn.init.zeros_(self.plane.weight)
+            self.plane_basis = nn.Linear(n_dim, n_dim, bias=False)
+            nn.init.eye_(self.plane_basis.weight)
+            self.plane_radial = nn.ModuleList(
+                nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1)) for _ in range(n_dim // 2))
 
     def _tail_features(self, base: torch.Tensor) -> torch.Tensor:
         """(N, 2 n_dim): b_i^3 (unit rms) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile."""
         gate = nn.functional.softplus(self.radial(base.square().mean(-1, keepdim=True)))
         return torch.cat([base**3 / self.cube_scale, base * gate], -1)
+
+    def _plane_features(self, base: torch.Tensor) -> torch.Tensor:
+        """(N, n_dim): each pair q_k of q = P b, direction q_k / r_k times R_k(r_k) > 0, a learned radius."""
+        pairs = self.plane_basis(base).unflatten(-1, (-1, 2))
+        radii = pairs.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
+        new_radii = torch.stack([nn.functional.softplus(h(radii[:, k])) for k, h in enumerate(self.plane_radial)], 1)
+        return (pairs / radii * new_radii).flatten(-2)
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
         """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
@@ -128,6 +150,8 @@ class MLPBeamGenerator(nn.Module):
             coords = coords + self.skip(base)
         if self.tail is not None:
             coords = coords + self.tail(self._tail_features(base))
+        if self.plane is not None:
+            coords = coords + self.plane(self._plane_features(base))
         coords = coords * self.scale
         if self.centred:
             coords = torch.cat([coords[:, :4] - coords[:, :4].mean(0), coords[:, 4:]], -1)

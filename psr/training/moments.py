@@ -34,14 +34,32 @@ def moments(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tens
     return torch.stack((cx, cy), -1), (xx, yy, xy)
 
 
-def moment_mismatch(predicted: torch.Tensor, measured: torch.Tensor, centroids: bool = True) -> torch.Tensor:
+def projection_kurtosis(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kurtosis m4 / m2^2 (3 for a Gaussian, 1.8 uniform) of the x and y projections of images (B, H, W),
+    each (B,)."""
+    height, width = images.shape[-2:]
+    weights = images / images.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(images.dtype).tiny)
+    result = []
+    for projection, n in ((weights.sum(-2), width), (weights.sum(-1), height)):
+        grid = torch.arange(n, dtype=images.dtype, device=images.device)
+        d = grid - (projection @ grid).unsqueeze(-1)
+        m2, m4 = (projection * d.square()).sum(-1), (projection * d.pow(4)).sum(-1)
+        result.append(m4 / m2.square().clamp_min(1e-24))
+    return result[0], result[1]
+
+
+def moment_mismatch(predicted: torch.Tensor, measured: torch.Tensor, centroids: bool = True,
+                    kurtosis: bool = False) -> torch.Tensor:
     """Mismatch of the rms moments of images (B, H, W), averaged over the B images: relative errors of
     the second moments xx and yy, the xy moment's error in units of sigma_x sigma_y and (with
     `centroids`) the centroid errors in units of the measured rms sizes; absolute values, summed per
     image. The measured images' flat background is removed first (`without_background`).
 
     The l1 loss of unit-sum images hardly sees faint wide tails, which carry much of a beam's rms
-    emittance; this term makes a fit reproduce every image's rms sizes, and with them the emittances."""
+    emittance; this term makes a fit reproduce every image's rms sizes, and with them the emittances.
+    kurtosis: also the relative errors of the x and y projections' kurtosis (`projection_kurtosis`): the
+    shape of the tails at a given rms, which decides the core emittances. (The share beyond 2 rms,
+    tried too, held the truth in fewer ensemble bands: 15 of 20 against 19 of 20.)"""
     if predicted.shape[0] == 0:
         return predicted.new_zeros(())
     centre_p, (xx_p, yy_p, xy_p) = moments(predicted)
@@ -50,4 +68,7 @@ def moment_mismatch(predicted: torch.Tensor, measured: torch.Tensor, centroids: 
     terms = [(xx_p - xx_m) / var_x, (yy_p - yy_m) / var_y, (xy_p - xy_m) / (var_x * var_y).sqrt()]
     if centroids:
         terms += [(centre_p[:, 0] - centre_m[:, 0]) / var_x.sqrt(), (centre_p[:, 1] - centre_m[:, 1]) / var_y.sqrt()]
+    if kurtosis:
+        shapes = zip(projection_kurtosis(predicted), projection_kurtosis(without_background(measured)))
+        terms += [(p - m) / m for p, m in shapes]
     return torch.stack(terms, -1).abs().sum(-1).mean()
