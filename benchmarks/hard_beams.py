@@ -7,7 +7,7 @@ as the shipped data), then fitted by `psr fit` with the beamline's shipped confi
 of x and y and the l1 image mismatch of the training and held-out settings (unit-sum images).
 
     python benchmarks/hard_beams.py [--beams s_weak halo ...] [--beamlines 4d sc] [--jobs 2]
-        [--extra "--model.moment_weight 0"] [--seeds 0] [--folder DIR]
+        [--extra "--model.moment_weight 0 --model.moment_kurtosis false"] [--seeds 0] [--folder DIR]
 
 Fits run --jobs at a time, one torch thread each (two OpenMP threads per fit on 2 shared cores
 stall each other). --seeds N1 N2 ...: one fit per seed (seed_everything and the generator's base

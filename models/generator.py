@@ -62,10 +62,9 @@ class MLPBeamGenerator(nn.Module):
     tails can grow faster than linearly: a SiLU network with a linear skip grows at most linearly.
     plane_profiles adds a linear map (zero at the start) of q_k / r_k R_k(r_k) for each pair q_k of
     coordinates q = P b (P learned, starting at the identity), r_k = |q_k| and R_k > 0 a learned radius:
-    a hole or a ring in one
-    plane (hollow beams from ring-shaped laser spots; R_k(0) > 0 opens the hole). A continuous map of a
-    Gaussian leaves the particles near the axis inside the hole (measured: the fit fills it); the linear
-    map turns the plane where the data want it.
+    a hole or a ring in one plane (hollow beams from ring-shaped laser spots; R_k(0) > 0 opens the
+    hole). A continuous map of a Gaussian leaves the particles near the axis inside the hole (measured:
+    the fit fills it); the linear map turns the plane where the data want it.
     centred: the beam's transverse centroid (x, px, y, py) is held at zero, the design orbit (the
     particles' mean is subtracted): for an incoming orbit known from upstream beam-position monitors.
     Where magnet offsets and screen centres are fitted (`model.calibrate`), the incoming orbit is

@@ -110,6 +110,9 @@ def test_kurtosis_term_sees_the_shape_of_the_tails_at_equal_rms():
     assert with_kurtosis - plain == pytest.approx((3.0 - kx[1].item()) / 3.0, rel=1e-3)
     assert with_kurtosis == pytest.approx(0.4, abs=0.02)
     assert moment_mismatch(box[None], box[None], kurtosis=True).item() == pytest.approx(0.0, abs=1e-9)
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+    with pytest.raises(ValueError, match="moment_kurtosis .* needs model.moment_weight > 0"):
+        PhaseSpaceReconstruction(models.MLPBeamGenerator(n_particles=100), moment_kurtosis=True)
 
 
 def test_plane_profiles_start_as_the_plain_generator_and_can_open_a_hole():

@@ -116,6 +116,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
             raise ValueError(f"model.calibration_prior_weight must be a number >= 0, got {calibration_prior_weight!r}")
         if not (isinstance(moment_weight, (int, float)) and math.isfinite(moment_weight) and moment_weight >= 0):
             raise ValueError(f"model.moment_weight must be a number >= 0, got {moment_weight!r}")
+        if not isinstance(moment_kurtosis, bool) or (moment_kurtosis and not moment_weight):
+            raise ValueError(f"model.moment_kurtosis must be true or false and, when true, needs model.moment_weight > 0 "
+                             f"(it is part of the moment term), got {moment_kurtosis!r} with weight {moment_weight!r}")
         if not (isinstance(pyramid, int) and 0 <= pyramid <= 8):
             raise ValueError(f"model.pyramid must be an integer from 0 to 8, got {pyramid!r}")
         if loss not in LOSSES:
