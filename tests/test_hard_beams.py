@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import sim
 from psr.data.scanfile import read_scan
 from psr.data.synthetic import SyntheticBeam
-import models
 from psr.training.moments import moment_mismatch, moments, projection_kurtosis
 
 P0C = 60e6

@@ -18,17 +18,24 @@ def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CU
     return torch.where(kept.sum((-1, -2), keepdim=True) > 0, kept, images)
 
 
-def moments(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tensor | None = None):
-    """Centroids (B, 2) and second central moments (xx, yy, xy), each (B,), of images (B, H, W) (x
-    along W, y along H), each normalized to unit sum; at pixel centres xs (W,), ys (H,) [m] or, by
+def centred_projections(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tensor | None = None):
+    """Unit-sum images (B, H, W) and, per axis, the projection (B, W) / (B, H), the centroid (B,) and the
+    distances of the pixel centres from it (B, W) / (B, H); at pixel centres xs (W,), ys (H,) [m] or, by
     default, pixel indices."""
     height, width = images.shape[-2:]
     xs = torch.arange(width, dtype=images.dtype, device=images.device) if xs is None else xs.to(images)
     ys = torch.arange(height, dtype=images.dtype, device=images.device) if ys is None else ys.to(images)
     weights = images / images.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(images.dtype).tiny)
-    px, py = weights.sum(-2), weights.sum(-1)  # (B, W), (B, H) projections
+    px, py = weights.sum(-2), weights.sum(-1)
     cx, cy = px @ xs, py @ ys
-    dx, dy = xs - cx.unsqueeze(-1), ys - cy.unsqueeze(-1)
+    return weights, (px, cx, xs - cx.unsqueeze(-1)), (py, cy, ys - cy.unsqueeze(-1))
+
+
+def moments(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tensor | None = None):
+    """Centroids (B, 2) and second central moments (xx, yy, xy), each (B,), of images (B, H, W) (x
+    along W, y along H), each normalized to unit sum; at pixel centres xs (W,), ys (H,) [m] or, by
+    default, pixel indices."""
+    weights, (px, cx, dx), (py, cy, dy) = centred_projections(images, xs, ys)
     xx, yy = (px * dx.square()).sum(-1), (py * dy.square()).sum(-1)
     xy = torch.einsum("bhw,bh,bw->b", weights, dy, dx)
     return torch.stack((cx, cy), -1), (xx, yy, xy)
@@ -37,15 +44,8 @@ def moments(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tens
 def projection_kurtosis(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kurtosis m4 / m2^2 (3 for a Gaussian, 1.8 uniform) of the x and y projections of images (B, H, W),
     each (B,)."""
-    height, width = images.shape[-2:]
-    weights = images / images.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(images.dtype).tiny)
-    result = []
-    for projection, n in ((weights.sum(-2), width), (weights.sum(-1), height)):
-        grid = torch.arange(n, dtype=images.dtype, device=images.device)
-        d = grid - (projection @ grid).unsqueeze(-1)
-        m2, m4 = (projection * d.square()).sum(-1), (projection * d.pow(4)).sum(-1)
-        result.append(m4 / m2.square().clamp_min(1e-24))
-    return result[0], result[1]
+    _, *axes = centred_projections(images)
+    return tuple((p * d.pow(4)).sum(-1) / (p * d.square()).sum(-1).square().clamp_min(1e-24) for p, _, d in axes)
 
 
 def moment_mismatch(predicted: torch.Tensor, measured: torch.Tensor, centroids: bool = True,
@@ -63,12 +63,13 @@ def moment_mismatch(predicted: torch.Tensor, measured: torch.Tensor, centroids: 
     if predicted.shape[0] == 0:
         return predicted.new_zeros(())
     centre_p, (xx_p, yy_p, xy_p) = moments(predicted)
-    centre_m, (xx_m, yy_m, xy_m) = moments(without_background(measured))
+    measured = without_background(measured)
+    centre_m, (xx_m, yy_m, xy_m) = moments(measured)
     var_x, var_y = xx_m.clamp_min(1e-12), yy_m.clamp_min(1e-12)
     terms = [(xx_p - xx_m) / var_x, (yy_p - yy_m) / var_y, (xy_p - xy_m) / (var_x * var_y).sqrt()]
     if centroids:
         terms += [(centre_p[:, 0] - centre_m[:, 0]) / var_x.sqrt(), (centre_p[:, 1] - centre_m[:, 1]) / var_y.sqrt()]
     if kurtosis:
-        shapes = zip(projection_kurtosis(predicted), projection_kurtosis(without_background(measured)))
+        shapes = zip(projection_kurtosis(predicted), projection_kurtosis(measured))
         terms += [(p - m) / m for p, m in shapes]
     return torch.stack(terms, -1).abs().sum(-1).mean()
