@@ -11,6 +11,8 @@ tracks exactly as the physics it corrects.
 """
 
 import functools
+import itertools
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from torch import nn
 
 import sim
 from sim.lattice import ELEMENT_TYPES
+from sim.space_charge_linear import section_matrix
 
 WEIGHTS_FORMAT = "psr-neural-element"
 WEIGHTS_VERSION = 1
@@ -185,19 +188,27 @@ class SectionMap(NeuralElement):
     its normalized covariances (convergence, coupling) and the section's settings. Collective effects such
     as space charge depend on all of them, and on the particle through a smooth, mostly odd function:
         x_out = M(p) x + rms * (phi(u) @ C(c)) * exp(A c + b),
-    phi(u) = (u_i, q_a q_b, q_a q_b^2) with q the positions (u_x, u_y, u_z), c the bunch's features, C a network, exp(A c + b)
-    a learned power law of the sizes. The network runs once per setting, the polynomial per particle.
+    phi(u) = (u_i, q_a q_b, q_a q_b^2) with q the positions (u_x, u_y, u_z) (basis "cubic_positions"), or every
+    monomial of degree 1 to 3 of (u_x, u_px, u_y, u_py, u_z) and u_pz (basis "cubic"), c the bunch's features, C a
+    network, exp(A c + b) a learned power law of the sizes. The network runs once per setting, the polynomial per particle.
 
     section: the lattice entries the map replaces; inputs: settings of its elements ("Q1.k1") the map takes,
     as its own settings "<name>.Q1_k1" (`psr fit`'s model.replace routes a scan's "Q1.k1" there);
-    input_scales: their typical sizes; reference_rms: six typical rms values [m, rad] of the input beams."""
+    input_scales: their typical sizes; reference_rms: six typical rms values [m, rad] of the input beams.
+    space_charge: None, or {charge: [C], max_step: [m]}: M(p) then holds the linear space charge of the bunch's
+    rms-equivalent Gaussian ellipsoid (sim.space_charge_linear, carried along the section as 6x6 matrices of
+    the bunch's covariance), so the network learns only the nonlinear rest (sections of drifts and magnets), and
+    the correction is in units of the output's rms instead of the input's."""
 
     def __init__(self, name: str, section: list[dict], reference_rms: list[float], inputs: list[str] | None = None,
                  input_scales: list[float] | None = None, hidden_width: int = 64, hidden_layers: int = 3,
-                 basis: str = "cubic_positions", weights: str | None = None, base_dir: str | None = None):
+                 basis: str = "cubic_positions", space_charge: dict | None = None, weights: str | None = None,
+                 base_dir: str | None = None):
         super().__init__(name, weights, base_dir)
-        if basis != "cubic_positions":
-            raise ValueError(f"SectionMap {name}: basis must be 'cubic_positions' (the polynomial phi), got {basis!r}")
+        if basis not in BASES:
+            raise ValueError(f"SectionMap {name}: basis must be one of {sorted(BASES)} (the polynomial phi), got {basis!r}")
+        self.basis = basis
+        self.space_charge = _linear_space_charge(space_charge, section, f"SectionMap {name}: space_charge")
         entries = [{**e, "tracking": "linear"} if e.get("type") in LINEAR_TRACKING else dict(e) for e in section]
         try:
             self.physical = sim.Lattice.from_list(entries)
@@ -224,7 +235,7 @@ class SectionMap(NeuralElement):
         self.register_buffer("reference", torch.tensor(self.reference_rms, dtype=torch.float32))
         self.register_buffer("setting_scale", torch.tensor(scales, dtype=torch.float32))
         n_condition = 6 + 15 + len(self.inputs)
-        self.network = _mlp(n_condition, 6 * N_BASIS, *self.hidden)
+        self.network = _mlp(n_condition, 6 * BASES[basis][1], *self.hidden)
         self.amplitude = nn.Linear(n_condition, 6)
         nn.init.zeros_(self.amplitude.weight)
         nn.init.zeros_(self.amplitude.bias)
@@ -232,9 +243,12 @@ class SectionMap(NeuralElement):
             self.load_weights()
 
     def spec(self) -> dict:
-        return {"section": self.section, "reference_rms": self.reference_rms, "inputs": self.inputs,
+        spec = {"section": self.section, "reference_rms": self.reference_rms, "inputs": self.inputs,
                 "input_scales": self.input_scales, "hidden_width": self.hidden[0], "hidden_layers": self.hidden[1],
-                "basis": "cubic_positions"}
+                "basis": self.basis}
+        if self.space_charge is not None:  # absent otherwise: weights files written before it stay valid
+            spec["space_charge"] = dict(self.space_charge)
+        return spec
 
     def parameter_values(self, overrides, like):
         overrides = overrides or {}
@@ -247,12 +261,17 @@ class SectionMap(NeuralElement):
     def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
         p = self.parameter_values(overrides, particles)
         settings = {k: p[section_setting_key(k)] for k in self.inputs}
-        linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
-        out = linear.particles
-        lead = out.shape[:-2]
         mean = particles.mean(-2, keepdim=True)
         centred = particles - mean
         cov = centred.transpose(-1, -2) @ centred / particles.shape[-2]  # (..., 6, 6)
+        if self.space_charge is None:
+            linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
+            out, p0c_out = linear.particles, linear.p0c
+        else:  # mean through the plain map, offsets from it through the map with linear space charge
+            r_sc, r_0 = section_matrix(self.physical.elements, self.physical.split_settings(settings), cov, p0c,
+                                       species, self.space_charge["charge"], self.space_charge["max_step"])
+            out, p0c_out = centred @ r_sc.transpose(-1, -2) + mean @ r_0.transpose(-1, -2), p0c
+        lead = out.shape[:-2]
         rms = cov.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # (..., 6); no NaN gradient at 0
         correlation = cov / (rms.unsqueeze(-1) * rms.unsqueeze(-2))
         upper = torch.triu_indices(6, 6, 1, device=particles.device)
@@ -260,14 +279,16 @@ class SectionMap(NeuralElement):
         for key, size in zip(self.inputs, self.setting_scale.to(particles)):
             condition.append((settings[key] / size).reshape(*settings[key].shape, 1))
         condition = torch.cat([c.expand(*lead, c.shape[-1]) for c in condition], -1)  # (..., n_condition)
-        coefficients = self.network(condition).reshape(*lead, N_BASIS, 6)
-        gain = torch.exp(self.amplitude(condition)) * rms.expand(*lead, 6)  # (..., 6)
+        function, size = BASES[self.basis]
+        coefficients = self.network(condition).reshape(*lead, size, 6)
+        if self.space_charge is None:  # in units of the input's rms
+            scale = rms.expand(*lead, 6)
+        else:  # of the output's (through a tight waist the output is much smaller than the input)
+            scale = (r_sc @ cov @ r_sc.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()
+        gain = torch.exp(self.amplitude(condition)) * scale  # (..., 6)
         u = centred / rms.unsqueeze(-2)  # the input's own leading shape: one basis for every setting of a scan
-        correction = polynomial_basis(u) @ coefficients  # broadcasts to (..., N, 6)
-        return out + correction * gain.unsqueeze(-2), linear.p0c
-
-
-N_BASIS = 6 + 9 + 9
+        correction = function(u) @ coefficients  # broadcasts to (..., N, 6)
+        return out + correction * gain.unsqueeze(-2), p0c_out
 
 
 def polynomial_basis(u: torch.Tensor) -> torch.Tensor:
@@ -279,6 +300,20 @@ def polynomial_basis(u: torch.Tensor) -> torch.Tensor:
     return torch.cat([u, outer.flatten(-2), cubic.flatten(-2)], -1)
 
 
+# every monomial of degree 2 and 3 in (u_x, u_px, u_y, u_py, u_z): through a waist where a particle is
+# depends on its momentum as much as on its position
+_MONOMIALS = [list(c) for d in (2, 3) for c in itertools.combinations_with_replacement(range(5), d)]
+
+
+def cubic_basis(u: torch.Tensor) -> torch.Tensor:
+    """(..., N, 6 + 15 + 35): u_i (all six) and every monomial of degree 2 and 3 of the first five."""
+    products = [u[..., m[0]] * u[..., m[1]] * (u[..., m[2]] if len(m) == 3 else 1) for m in _MONOMIALS]
+    return torch.cat([u, torch.stack(products, -1)], -1)
+
+
+BASES = {"cubic_positions": (polynomial_basis, 6 + 9 + 9), "cubic": (cubic_basis, 6 + len(_MONOMIALS))}
+
+
 def section_setting_key(name: str) -> str:
     """The SectionMap setting of a section setting "<element>.<parameter>": "<element>_<parameter>"."""
     element, _, parameter = name.rpartition(".")
@@ -286,6 +321,24 @@ def section_setting_key(name: str) -> str:
 
 
 LINEAR_TRACKING = ("Drift", "Quadrupole", "Sextupole", "Dipole", "Solenoid")
+
+
+def _linear_space_charge(config, section: list[dict], where: str) -> dict | None:
+    """{charge, max_step} of a SectionMap's linear space charge (None: none); one clear error otherwise."""
+    if config is None:
+        return None
+    if not isinstance(config, dict) or set(config) - {"charge", "max_step"} or "charge" not in config:
+        raise ValueError(f"{where} must be {{charge: <C>, max_step: <m>}} (max_step optional, default 0.1), "
+                         f"got {config!r}")
+    charge, max_step = config["charge"], config.get("max_step", 0.1)
+    if not (isinstance(charge, (int, float)) and math.isfinite(charge)):
+        raise ValueError(f"{where}: charge must be a number of coulombs, got {charge!r}")
+    if not (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step > 0):
+        raise ValueError(f"{where}: max_step must be a positive length in metres, got {max_step!r}")
+    others = sorted({e.get("type") for e in section} - set(LINEAR_TRACKING))
+    if others:
+        raise ValueError(f"{where}: linear space charge needs a section of drifts and magnets, not {others}")
+    return {"charge": abs(float(charge)), "max_step": float(max_step)}
 
 
 def read_spec(path) -> tuple[str, dict]:

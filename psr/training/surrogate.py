@@ -145,6 +145,8 @@ class SurrogateTraining(L.LightningModule):
         if kind == "SectionMap":
             entry.setdefault("section", pairs.lattice)
             entry.setdefault("inputs", list(pairs.setting_names))
+            if isinstance(entry.get("space_charge"), dict):  # linear space charge of the pairs' bunch charge
+                entry["space_charge"] = {"charge": float(pairs.charge), **entry["space_charge"]}
             entry.setdefault("reference_rms", [float(v) for v in rms(torch.as_tensor(pairs.beams_in, dtype=torch.float64))
                                                .mean(0).clamp_min(1e-12)])
         self.element = NEURAL_ELEMENT_TYPES[kind](**entry)
