@@ -26,8 +26,14 @@ from psr.training.surrogate import emittances, rms
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_time(config: str, steps: int) -> float:
-    cli = fit_cli(["--config", str(ROOT / config), f"--data.path={ROOT / 'data/sc_quad_scan.h5'}"], run=False)
+# the surrogate config with Q1 and D1 replaced by linear space charge alone (no network, no weights file)
+LINEAR = ["--model.replace", "[{elements: [Q1, D1], element: {type: SectionMap, name: SC, inputs: [Q1.k1], "
+          "reference_rms: [3.0e-4, 1.0e-4, 3.0e-4, 1.0e-4, 1.0e-3, 1.0e-3], hidden_layers: 0, "
+          "space_charge: {charge: 1.0e-11, max_step: 0.2}}}]"]
+
+
+def step_time(config: str, steps: int, extra: list[str] = ()) -> float:
+    cli = fit_cli(["--config", str(ROOT / config), f"--data.path={ROOT / 'data/sc_quad_scan.h5'}", *extra], run=False)
     model, data = cli.model, cli.datamodule
     data.setup("fit")
     model.configure_scan(data.scan)
@@ -59,14 +65,28 @@ def held_out_errors(pairs_path: Path) -> dict:
         fit_pic = torch.stack([pic(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
                                                     charge=pairs.charge), {"Q1.k1": k1[i].double()}).beam.particles
                                for i in range(len(index))])
+        pic3 = sim.Lattice.from_list(pairs.lattice, space_charge=sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25,
+                                                                                 extent=3.0))
+        fit_pic3 = torch.stack([pic3(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
+                                                      charge=pairs.charge), {"Q1.k1": k1[i].double()}).beam.particles
+                                for i in range(len(index))])
         first_order = surrogate.physical(sim.ParticleBeam(beams_in.double(), p0c=pairs.p0c, species=species),
                                          {"Q1.k1": k1.double()}).beam.particles
+        rows = [("surrogate", predicted), ("PIC 16^3, 0.25 m", fit_pic), ("PIC 16^3, 0.25 m, extent 3", fit_pic3),
+                ("no space charge", first_order)]
+        # linear space charge alone (sim.LinearSpaceCharge as 6x6 maps, kicks every 0.2 m; no network, no grid)
+        linear = SectionMap("SC", pairs.lattice, spec["reference_rms"], inputs=spec["inputs"], hidden_layers=0,
+                            space_charge={"charge": pairs.charge, "max_step": 0.2}).double()
+        rows.insert(1, ("linear space charge", linear.track(beams_in.double(), pairs.p0c, species,
+                                                            {"Q1_k1": k1.double()})[0]))
     out = {}
-    for name, beams in (("surrogate", predicted), ("PIC 16^3, 0.25 m", fit_pic), ("no space charge", first_order)):
-        r = (rms(beams) / rms(reference) - 1)[:, :4].abs()
+    for name, beams in rows:
+        r = (rms(beams) / rms(reference) - 1)[:, [0, 2]].abs()
+        m = (rms(beams) / rms(reference) - 1)[:, [1, 3]].abs()
         e = (emittances(beams) / emittances(reference) - 1)[:, :2].abs()
         out[name] = {"rms_max": r.max().item(), "rms_median": r.median().item(), "rms_p90": r.quantile(0.9).item(),
-                     "emit_max": e.max().item(), "emit_median": e.median().item()}
+                     "momentum_median": m.median().item(), "momentum_p90": m.quantile(0.9).item(),
+                     "emit_max": e.max().item(), "emit_median": e.median().item(), "emit_p90": e.quantile(0.9).item()}
     return out
 
 
@@ -78,16 +98,18 @@ def main() -> None:
     torch.set_num_threads(options.threads)
     pic = step_time("configs/sc_quad_scan.yaml", options.steps)
     surrogate = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps)
+    linear = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, LINEAR)
     print(f"time per training step ({options.threads} threads): PIC {1e3 * pic:.0f} ms, surrogate {1e3 * surrogate:.0f} ms, "
-          f"{pic / surrogate:.1f}x faster")
+          f"{pic / surrogate:.1f}x faster; linear space charge alone {1e3 * linear:.0f} ms, {pic / linear:.1f}x faster")
     pairs = ROOT / "data/sc_section.pairs.h5"
     if not pairs.is_file():
         print(f"{pairs} missing: psr simulate-pairs --config data/sc_section.pairs.yaml (accuracy skipped)")
         return
     for name, row in held_out_errors(pairs).items():
-        print(f"held-out beams, {name} vs PIC 32^3 / 0.1 m: rms sizes |error| median {100 * row['rms_median']:.2f} %, "
-              f"90 % {100 * row['rms_p90']:.2f} %, max {100 * row['rms_max']:.2f} %; emittances median "
-              f"{100 * row['emit_median']:.2f} %, max {100 * row['emit_max']:.2f} %")
+        print(f"held-out beams, {name} vs PIC 32^3 / 0.1 m: rms sizes x, y |error| median {100 * row['rms_median']:.2f} %, "
+              f"90 % {100 * row['rms_p90']:.2f} %, max {100 * row['rms_max']:.2f} % (px, py median "
+              f"{100 * row['momentum_median']:.2f} %, 90 % {100 * row['momentum_p90']:.2f} %); emittances median "
+              f"{100 * row['emit_median']:.2f} %, 90 % {100 * row['emit_p90']:.2f} %, max {100 * row['emit_max']:.2f} %")
 
 
 if __name__ == "__main__":

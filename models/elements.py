@@ -311,7 +311,13 @@ def cubic_basis(u: torch.Tensor) -> torch.Tensor:
     return torch.cat([u, torch.stack(products, -1)], -1)
 
 
-BASES = {"cubic_positions": (polynomial_basis, 6 + 9 + 9), "cubic": (cubic_basis, 6 + len(_MONOMIALS))}
+def linear_basis(u: torch.Tensor) -> torch.Tensor:
+    """(..., N, 6): u itself: the correction is a learned 6x6 map per setting (second moments, emittances)."""
+    return u
+
+
+BASES = {"cubic_positions": (polynomial_basis, 6 + 9 + 9), "cubic": (cubic_basis, 6 + len(_MONOMIALS)),
+         "linear": (linear_basis, 6)}
 
 
 def section_setting_key(name: str) -> str:

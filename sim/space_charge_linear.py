@@ -71,7 +71,9 @@ def linear_field_matrix(cov: torch.Tensor, charge: float) -> torch.Tensor:
 
     With A = 4 cov and its invariants a1 = tr A, a2 = (a1^2 - tr A^2) / 2, a3 = det A, Cayley-Hamilton gives
     (A + t I)^-1 = (A^2 - (a1 + t) A + (t^2 + a1 t + a2) I) / p(t), p(t) = det(A + t I) = t^3 + a1 t^2 + a2 t + a3,
-    so the matrix integral is three scalar ones, J_m = int t^m p(t)^(-3/2) dt (m = 0, 1, 2)."""
+    so the matrix integral is three scalar ones, J_m = int t^m p(t)^(-3/2) dt (m = 0, 1, 2). Computed in float64
+    (the three terms cancel to the small eigenvalues' share of an elongated bunch) and returned in cov's dtype."""
+    dtype, cov = cov.dtype, cov.double()
     a = 4 * cov
     a_sq = a @ a
     a1 = a.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -91,7 +93,7 @@ def linear_field_matrix(cov: torch.Tensor, charge: float) -> torch.Tensor:
     eye = torch.eye(3, dtype=cov.dtype, device=cov.device)
     k = (a_sq * j0[..., None, None] - a * (a1 * j0 + j1)[..., None, None]
          + eye * (j2 + a1 * j1 + a2 * j0)[..., None, None])
-    return COULOMB * charge * (2 / math.sqrt(math.pi)) * k
+    return (COULOMB * charge * (2 / math.sqrt(math.pi)) * k).to(dtype)
 
 
 def kick_matrix(cov: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
@@ -118,7 +120,8 @@ def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, specie
     linear space charge of a bunch of 6x6 covariance cov (..., 6, 6) entering it: R_sc maps coordinates
     relative to the mean, R_0 (no space charge) the mean. Exactly what tracking the particles with
     LinearSpaceCharge(max_step) gives (the kick is linear in the offset from the mean), at the cost of 6x6
-    matrices: the covariance is carried along, slice by slice (half slice, kick, half slice)."""
+    matrices: the covariance is carried along, slice by slice (half slice, kick, half slice), in float64."""
+    dtype, cov = cov.dtype, cov.double()  # 6x6 matrices: float64 costs nothing and keeps the kicks' small terms
     eye = torch.eye(6, dtype=cov.dtype, device=cov.device)
     r_sc, r_0 = eye, eye
     for element in elements:
@@ -144,4 +147,4 @@ def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, specie
             step = m2 @ k @ m1
             cov = m2 @ (k @ cov @ k.transpose(-1, -2)) @ m2.transpose(-1, -2)
             r_sc, r_0 = step @ r_sc, m2 @ m1 @ r_0
-    return r_sc, r_0
+    return r_sc.to(dtype), r_0.to(dtype)

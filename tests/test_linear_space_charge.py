@@ -103,11 +103,13 @@ def test_linear_space_charge_is_near_pic_for_a_gaussian_bunch():
     torch.testing.assert_close(sizes["linear"], sizes["pic"], rtol=0.015, atol=0)
 
 
-def test_section_map_with_linear_space_charge_starts_as_the_physics():
-    """An untrained SectionMap with space_charge tracks as LinearSpaceCharge; its spec carries the option
-    (a weights file of another charge is refused), and a spec without it is unchanged (older weights files)."""
+@pytest.mark.parametrize("basis", ["cubic_positions", "cubic", "linear"])
+def test_section_map_with_linear_space_charge_starts_as_the_physics(basis):
+    """An untrained SectionMap with space_charge tracks as LinearSpaceCharge, whatever its basis; its spec carries
+    the option (a weights file of another charge is refused), and a spec without it is unchanged (older weights
+    files)."""
     x, k = beam(), torch.linspace(-20, 24, 4, dtype=torch.float64)
-    element = SectionMap("SC", SECTION, SIZES.tolist(), inputs=["Q1.k1"],
+    element = SectionMap("SC", SECTION, SIZES.tolist(), inputs=["Q1.k1"], basis=basis,
                          space_charge={"charge": 1e-11, "max_step": 0.1}).double()
     out = element.track(x, 5e6, "electron", {"Q1_k1": k})[0]
     lattice = sim.Lattice.from_list(SECTION, space_charge=LinearSpaceCharge(0.1))
@@ -128,3 +130,17 @@ def test_section_map_space_charge_errors(tmp_path):
     saved = SectionMap("SC", SECTION, SIZES.tolist(), space_charge={"charge": 1e-11}).save_weights(tmp_path / "w.pt")
     with pytest.raises(ValueError, match="trained for another element or section .*space_charge"):
         SectionMap("SC", SECTION, SIZES.tolist(), space_charge={"charge": 2e-11}, weights=str(saved))
+
+
+def test_replace_refuses_a_section_map_of_another_charge():
+    """model.replace: a SectionMap carrying the space charge of 10 pC in a scan of a 20 pC bunch is one clear error."""
+    from psr.training.replace import replace_sections
+
+    items = [dict(e) for e in SECTION] + [{"type": "Screen", "name": "YAG", "resolution": [8, 8], "pixel_size": [1e-4, 1e-4]}]
+    entry = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC", "inputs": ["Q1.k1"],
+                                                     "reference_rms": SIZES.tolist(), "space_charge": {"charge": 1e-11}}}]
+    replaced, routes = replace_sections(items, entry, ["Q1.k1"], 1e-11)
+    assert [e["name"] for e in replaced] == ["SC", "YAG"] and routes == {"Q1.k1": "SC.Q1_k1"}
+    with pytest.raises(ValueError, match=r"model.replace\[0\]: the SectionMap SC carries the space charge of a 1e-11 C "
+                                         r"bunch, but the scan's bunch has 2e-11 C"):
+        replace_sections(items, entry, ["Q1.k1"], 2e-11)

@@ -142,3 +142,21 @@ def test_replace_routes_scan_settings_to_the_section(tmp_path, one_thread):
     other = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "weights": str(tmp_path / "other.pt")}}]
     with pytest.raises(ValueError, match="trained for another element or section.*section"):
         PhaseSpaceReconstruction(MLPBeamGenerator(n_particles=200), replace=other).configure_scan(scan)
+
+
+def test_emittance_term_of_the_loss(linear_pairs):
+    """model.emittance_weight adds the squared relative error of the x and y emittances: 0 for the exact section
+    (the untrained map is its first-order physics), ((1/a) - 1)^2 / 2 when the reference's px is a times wider."""
+    from psr.training.surrogate import SurrogateTraining
+
+    module = SurrogateTraining({"type": "SectionMap", "name": "SC"}, "unused.pt", emittance_weight=1.0)
+    module.configure_pairs(read_pairs(linear_pairs))
+    pairs = read_pairs(linear_pairs)
+    batch = {"beams_in": torch.as_tensor(pairs.beams_in), "beams_out": torch.as_tensor(pairs.beams_out),
+             "settings": torch.as_tensor(pairs.settings)}
+    assert module.losses(batch)["emittance"] < 1e-8
+    wider = batch["beams_out"].clone()
+    mean = wider[..., 1].mean(-1, keepdim=True)
+    wider[..., 1] = mean + 1.1 * (wider[..., 1] - mean)
+    term = module.losses({**batch, "beams_out": wider})["emittance"]
+    assert abs(term - (1 / 1.1 - 1) ** 2 / 2) < 1e-5

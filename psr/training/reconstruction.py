@@ -176,7 +176,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             items[names.index(name)]["tracking"] = method
         if self.hparams.space_charge is not None and not scan.charge > 0:
             raise ValueError("model.space_charge is set, but the scan file's bunch charge is 0")
-        items, routes = replace_sections(items, self.hparams.get("replace"), scan.setting_names)
+        items, routes = replace_sections(items, self.hparams.get("replace"), scan.setting_names, scan.charge)
         summary = scan_summary(scan, items)
         summary["routes"], summary["centred"] = routes, sorted(centred_screens(scan))
         self.configure_summary(summary)

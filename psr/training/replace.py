@@ -8,13 +8,16 @@ replaced elements go to the element's settings ("Q1.k1" -> "SC.Q1_k1"). Weights 
 the working folder, as other paths of a config.
 """
 
+import math
 from pathlib import Path
 
 from models.elements import NEURAL_ELEMENT_TYPES, read_spec, section_setting_key
 
 
-def replace_sections(items: list[dict], replace: list[dict] | None, setting_names) -> tuple[list[dict], dict]:
-    """(lattice entries with the sections replaced, {scan setting: the neural element's setting})."""
+def replace_sections(items: list[dict], replace: list[dict] | None, setting_names,
+                     charge: float | None = None) -> tuple[list[dict], dict]:
+    """(lattice entries with the sections replaced, {scan setting: the neural element's setting}). charge: the
+    scan's bunch charge [C]; a SectionMap with space charge of another charge is an error."""
     routes = {}
     for index, entry in enumerate(replace or []):
         where = f"model.replace[{index}]"
@@ -50,6 +53,10 @@ def replace_sections(items: list[dict], replace: list[dict] | None, setting_name
             keys = {f"{names[0]}.{p}": p for p in ("k1", "k2", "ks", "angle", "voltage", "phase", "length", "tilt",
                                                     "x_offset", "y_offset")}
         element.setdefault("name", names[0])
+        trained = (element.get("space_charge") or {}).get("charge") if isinstance(element.get("space_charge"), dict) else None
+        if charge is not None and trained is not None and not math.isclose(abs(trained), abs(charge), rel_tol=1e-6):
+            raise ValueError(f"{where}: the {element['type']} {element['name']} carries the space charge of a "
+                             f"{abs(trained):.4g} C bunch, but the scan's bunch has {abs(charge):.4g} C")
         if element.get("weights") is not None:
             element["weights"] = str(Path(element["weights"]).resolve())
         inputs = element.get("inputs", [])

@@ -116,13 +116,14 @@ class SurrogateTraining(L.LightningModule):
     (a SectionMap's `section` and `inputs` default to the pairs file's lattice and settings, its
     `reference_rms` to the mean rms of the input beams; `input_scales` to the settings' largest |value|). weights: where the trained weights file is written (also copied into the run folder).
     particle_weight, distribution_weight, moment_weight: the three terms of the loss (module docstring);
+    emittance_weight: a fourth, the relative error of the x and y emittances squared (default off);
     directions: random directions of the sliced Wasserstein distance. lr: Adam, cosine decay to
     lr * lr_final_fraction.
     """
 
     def __init__(self, element: dict, weights: str, lr: float = 1e-3, lr_final_fraction: float = 0.01,
                  particle_weight: float = 1.0, distribution_weight: float = 1.0, moment_weight: float = 1.0,
-                 directions: int = 32):
+                 directions: int = 32, emittance_weight: float = 0.0):
         super().__init__()
         if not isinstance(element, dict) or element.get("type") not in NEURAL_ELEMENT_TYPES:
             raise ValueError(f"model.element must be a neural element's entry with a type of "
@@ -172,22 +173,26 @@ class SurrogateTraining(L.LightningModule):
         return self.element.track(beams_in, self.p0c, self.species, overrides or None)[0]
 
     def losses(self, batch) -> dict[str, torch.Tensor]:
-        predicted = self(batch["beams_in"], batch["settings"])
-        reference = batch["beams_out"]
+        full_predicted = predicted = self(batch["beams_in"], batch["settings"])
+        full_reference = reference = batch["beams_out"]
         used = used_coordinates(batch["beams_in"])
         size = rms(reference)
         predicted, reference, size = predicted[..., used], reference[..., used], size[..., used]
         mean = reference.mean(-2, keepdim=True)
         a, b = (predicted - mean) / size.unsqueeze(-2), (reference - mean) / size.unsqueeze(-2)
-        return {"particle": (a - b).square().mean(),
-                "distribution": sliced_wasserstein(a, b, self.hparams.directions),
-                "moment": (rms(predicted) / size - 1).square().mean()}
+        terms = {"particle": (a - b).square().mean(),
+                 "distribution": sliced_wasserstein(a, b, self.hparams.directions),
+                 "moment": (rms(predicted) / size - 1).square().mean()}
+        if self.hparams.emittance_weight:
+            ratio = emittances(full_predicted)[..., :2] / emittances(full_reference)[..., :2].clamp_min(1e-30)
+            terms["emittance"] = (ratio - 1).square().mean()
+        return terms
 
     def training_step(self, batch, batch_idx):
         terms = self.losses(batch)
         h = self.hparams
         loss = h.particle_weight * terms["particle"] + h.distribution_weight * terms["distribution"] \
-            + h.moment_weight * terms["moment"]
+            + h.moment_weight * terms["moment"] + h.emittance_weight * terms.get("emittance", 0.0)
         self.log("train_loss", loss, prog_bar=True)
         self.log_dict({f"train_{k}": v for k, v in terms.items()})
         return loss
