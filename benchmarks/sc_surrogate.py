@@ -62,14 +62,12 @@ def held_out_errors(pairs_path: Path) -> dict:
     with torch.no_grad():
         predicted = surrogate.track(beams_in, pairs.p0c, species, {"Q1_k1": k1})[0].double()
         pic = sim.Lattice.from_list(pairs.lattice, space_charge=sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25))
-        fit_pic = torch.stack([pic(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
-                                                    charge=pairs.charge), {"Q1.k1": k1[i].double()}).beam.particles
-                               for i in range(len(index))])
         pic3 = sim.Lattice.from_list(pairs.lattice, space_charge=sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25,
                                                                                  extent=3.0))
-        fit_pic3 = torch.stack([pic3(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
-                                                      charge=pairs.charge), {"Q1.k1": k1[i].double()}).beam.particles
-                                for i in range(len(index))])
+        fit_pic, fit_pic3 = (torch.stack([lattice(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
+                                                                   charge=pairs.charge),
+                                                  {"Q1.k1": k1[i].double()}).beam.particles for i in range(len(index))])
+                             for lattice in (pic, pic3))
         first_order = surrogate.physical(sim.ParticleBeam(beams_in.double(), p0c=pairs.p0c, species=species),
                                          {"Q1.k1": k1.double()}).beam.particles
         rows = [("surrogate", predicted), ("PIC 16^3, 0.25 m", fit_pic), ("PIC 16^3, 0.25 m, extent 3", fit_pic3),

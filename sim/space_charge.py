@@ -87,18 +87,7 @@ class SpaceCharge:
         batch_shape, n = particles.shape[:-2], particles.shape[-2]
         flat = particles.reshape(-1, n, 6)
         field = self.field(flat, p0c, species, abs(charge))  # (B, N, 3) rest-frame E' [V/m]
-        p0c_t, energy, mass = reference(p0c, species, particles)
-        charge_e = abs(get_species(species).charge_e)
-        gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
-        length = torch.as_tensor(length, dtype=particles.dtype, device=particles.device)
-        transverse = (charge_e * length / (gamma**2 * beta2 * mass)).unsqueeze(-1)  # (...,1) settings shape
-        longitudinal = (charge_e * length / (gamma * beta2 * mass)).unsqueeze(-1)
-        field = field.reshape(*batch_shape, n, 3)
-        x, px, y, py, z, pz = particles.unbind(-1)
-        px = px + transverse * field[..., 0]
-        py = py + transverse * field[..., 1]
-        pz = pz + longitudinal * field[..., 2]
-        return torch.stack((x, px, y, py, z, pz), -1)
+        return apply_field(particles, field.reshape(*batch_shape, n, 3), p0c, species, length)
 
     def field(self, particles: torch.Tensor, p0c, species, charge: float) -> torch.Tensor:
         """Rest-frame electric field [V/m] (B, N, 3) at each particle of particles (B, N, 6), for a
@@ -156,6 +145,23 @@ class SpaceCharge:
                     self._kernels.popitem(last=False)
             out.append(self._kernels[full_key])
         return out
+
+
+def kick_factors(p0c, species, like: torch.Tensor, length) -> tuple[torch.Tensor, torch.Tensor]:
+    """(transverse, longitudinal) [1/(V/m)], settings shape: the momentum kicks per rest-frame field of a step of
+    `length` [m] (module docstring): |q| ds / (gamma^2 beta^2 m c^2) and |q| ds / (gamma beta^2 m c^2)."""
+    p0c_t, energy, mass = reference(p0c, species, like)
+    gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
+    step = abs(get_species(species).charge_e) * torch.as_tensor(length, dtype=like.dtype, device=like.device)
+    return step / (gamma**2 * beta2 * mass), step / (gamma * beta2 * mass)
+
+
+def apply_field(particles: torch.Tensor, field: torch.Tensor, p0c, species, length) -> torch.Tensor:
+    """Particles (..., N, 6) kicked by the rest-frame field (..., N, 3) [V/m] over a step of `length` [m]."""
+    transverse, longitudinal = (f.unsqueeze(-1) for f in kick_factors(p0c, species, particles, length))
+    x, px, y, py, z, pz = particles.unbind(-1)
+    return torch.stack((x, px + transverse * field[..., 0], y, py + transverse * field[..., 1],
+                        z, pz + longitudinal * field[..., 2]), -1)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

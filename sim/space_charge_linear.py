@@ -10,8 +10,8 @@ an ellipsoidal bunch):
 (in the principal axes of S: k_i = Q/(4 pi eps0) (2/sqrt(pi)) int dt / ((4 s_i^2 + t) prod_j (4 s_j^2 + t)^(1/2)),
 for a sphere of rms s: Q / (4 pi eps0) / (6 sqrt(pi) s^3)). The integral is a trapezoid sum over ln t, so no
 eigen-decomposition enters the gradient (round beams are fine). Kicks as sim.SpaceCharge's (same lab-frame
-factors): only the field differs. Cost per kick: O(N), no grid, ~100x cheaper than a 16^3 PIC kick; it
-misses the nonlinear part of the field (emittance growth of non-uniform bunches), which a neural correction
+factors): only the field differs. No grid; as 6x6 section maps (section_matrix) a step of the shipped
+space-charge fit costs 43 ms instead of PIC's 441 ms (benchmarks/sc_surrogate.py); it misses the nonlinear part of the field (emittance growth of non-uniform bunches), which a neural correction
 (models.SectionMap) can learn.
 """
 
@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from .space_charge import COULOMB
-from .species import get_species
+from .space_charge import COULOMB, apply_field, kick_factors
 from .tracking import reference
 
 LOG_NODES = 128  # trapezoid nodes over ln t, from 4 s_min^2 e^-26 to 4 s_max^2 e^18 (relative error < 1e-9)
@@ -44,16 +43,9 @@ class LinearSpaceCharge:
         """Particles (..., N, 6) after the kick of a step of `length` [m], bunch charge `charge` [C]."""
         if charge == 0:
             return particles
-        p0c_t, energy, mass = reference(p0c, species, particles)
-        gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
-        field = self.field(particles, gamma, abs(charge))  # (..., N, 3) rest-frame E' [V/m]
-        charge_e = abs(get_species(species).charge_e)
-        length = torch.as_tensor(length, dtype=particles.dtype, device=particles.device)
-        transverse = (charge_e * length / (gamma**2 * beta2 * mass)).unsqueeze(-1)
-        longitudinal = (charge_e * length / (gamma * beta2 * mass)).unsqueeze(-1)
-        x, px, y, py, z, pz = particles.unbind(-1)
-        return torch.stack((x, px + transverse * field[..., 0], y, py + transverse * field[..., 1],
-                            z, pz + longitudinal * field[..., 2]), -1)
+        _, energy, mass = reference(p0c, species, particles)
+        field = self.field(particles, energy / mass, abs(charge))  # (..., N, 3) rest-frame E' [V/m]
+        return apply_field(particles, field, p0c, species, length)
 
     @staticmethod
     def field(particles: torch.Tensor, gamma, charge: float) -> torch.Tensor:
@@ -99,15 +91,12 @@ def linear_field_matrix(cov: torch.Tensor, charge: float) -> torch.Tensor:
 def kick_matrix(cov: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
     """(..., 6, 6): the linear space-charge kick of a step of `length` [m] as a matrix acting on coordinates
     relative to the bunch's mean, for a bunch of 6x6 covariance cov (..., 6, 6) and charge [C]."""
-    p0c_t, energy, mass = reference(p0c, species, cov)
-    gamma, beta2 = energy / mass, (p0c_t / energy) ** 2
+    _, energy, mass = reference(p0c, species, cov)
+    gamma = energy / mass
     scale = torch.stack(torch.broadcast_tensors(torch.ones_like(gamma), torch.ones_like(gamma), gamma), -1)
     positions = cov[..., 0::2, 0::2] * scale.unsqueeze(-1) * scale.unsqueeze(-2)  # rest frame (x, y, gamma z)
     field = linear_field_matrix(positions, abs(charge)) * scale.unsqueeze(-2)  # E' per lab coordinate (x, y, z)
-    charge_e = abs(get_species(species).charge_e)
-    length = torch.as_tensor(length, dtype=cov.dtype, device=cov.device)
-    transverse = charge_e * length / (gamma**2 * beta2 * mass)
-    longitudinal = charge_e * length / (gamma * beta2 * mass)
+    transverse, longitudinal = kick_factors(p0c, species, cov, length)
     factor = torch.stack(torch.broadcast_tensors(transverse, transverse, longitudinal), -1).unsqueeze(-1)
     kick = torch.zeros(*field.shape[:-2], 6, 6, dtype=cov.dtype, device=cov.device)
     kick[..., 1::2, 0::2] = factor * field
@@ -136,7 +125,7 @@ def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, specie
             m = element.transfer_map(p0c, species, cov, overrides)
             r_sc, r_0, cov = m @ r_sc, m @ r_0, m @ cov @ m.transpose(-1, -2)
             continue
-        halves = {}  # half-slice matrices by (entrance face, exit face): at most four per element
+        halves = {}  # half-slice matrices by (entrance face, exit face): three per element
         for face in ((True, False), (False, False), (False, True)):
             halves[face] = element.transfer_map(p0c, species, cov,
                                                 element.slice_overrides(overrides, cov, 0.5 / n, *face))
@@ -146,5 +135,6 @@ def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, specie
             k = kick_matrix(cov, p0c, species, charge, length / n)
             step = m2 @ k @ m1
             cov = m2 @ (k @ cov @ k.transpose(-1, -2)) @ m2.transpose(-1, -2)
-            r_sc, r_0 = step @ r_sc, m2 @ m1 @ r_0
+            r_sc = step @ r_sc
+        r_0 = element.transfer_map(p0c, species, cov, overrides) @ r_0  # the mean: the whole element at once
     return r_sc.to(dtype), r_0.to(dtype)

@@ -53,7 +53,8 @@ def replace_sections(items: list[dict], replace: list[dict] | None, setting_name
             keys = {f"{names[0]}.{p}": p for p in ("k1", "k2", "ks", "angle", "voltage", "phase", "length", "tilt",
                                                     "x_offset", "y_offset")}
         element.setdefault("name", names[0])
-        trained = (element.get("space_charge") or {}).get("charge") if isinstance(element.get("space_charge"), dict) else None
+        space_charge = element.get("space_charge")
+        trained = space_charge.get("charge") if isinstance(space_charge, dict) else None
         if charge is not None and trained is not None and not math.isclose(abs(trained), abs(charge), rel_tol=1e-6):
             raise ValueError(f"{where}: the {element['type']} {element['name']} carries the space charge of a "
                              f"{abs(trained):.4g} C bunch, but the scan's bunch has {abs(charge):.4g} C")
