@@ -13,7 +13,8 @@ Fits run --jobs at a time, one torch thread each (two OpenMP threads per fit on 
 stall each other). --seeds N1 N2 ...: one fit per seed (seed_everything and the generator's base
 samples), for ensemble spreads. A JSON line per fit is printed and appended to <folder>/results.jsonl;
 then, per beam with two or more seeds, each emittance's +-2 std band and whether it holds the truth
-(--summary FILE: only that, for a results.jsonl).
+(--summary FILE: only that, for a results.jsonl; --recheck: with the space-charge model check of fits
+that lack it, from their beam.h5).
 """
 
 import argparse
@@ -121,18 +122,23 @@ def fit(folder: Path, scan: Path, beamline: str, seed: int, extra: list[str], ta
     out = {"scan": scan.stem, "tag": tag, "seed": seed, "wall_s": round(wall, 1), "l1_train": round(train, 4),
            "l1_held_out": round(held, 4)}
     out.update({key: round(100 * rows[key]["relative_error"], 2) for key in KEYS if key in rows})
+    if "space_charge_check" in rows:
+        out["space_charge_bias"] = {p: round(100 * rows["space_charge_check"][p], 2) for p in ("x", "y")}
     out["reconstructed"] = {key: rows[key]["reconstructed"] for key in KEYS if key in rows}
     return out
 
 
 def coverage(results: list[dict]) -> None:
     """Per scan and tag with two or more seeds: each emittance's members' mean error, the +-2 std band
-    (ddof 1, as psr ensemble) and whether it holds the truth (error 0); then the count over all."""
+    (ddof 1, as psr ensemble) and whether it holds the truth (error 0); then the count over all. Where the
+    fits carry the space-charge model check, also the corrected mean error and psr ensemble's
+    band_2std_with_model (from the mean to the corrected mean, +-2 std)."""
     groups = {}
     for row in results:
         if "error" not in row:
             groups.setdefault((row["scan"], row["tag"]), []).append(row)
-    held = total = 0
+    held = total = held_model = total_model = 0
+    corrected_errors = []
     for (scan, tag), rows in sorted(groups.items()):
         if len(rows) < 2:
             continue
@@ -142,9 +148,50 @@ def coverage(results: list[dict]) -> None:
             mean, std = errors.mean(), errors.std(ddof=1)
             holds = mean - 2 * std <= 0 <= mean + 2 * std
             held, total = held + holds, total + 1
-            cells.append(f"{key.removeprefix('norm_emit_')} {mean:+.2f} +- {2 * std:.2f} % {'holds' if holds else 'MISSES'}")
+            cell = f"{key.removeprefix('norm_emit_')} {mean:+.2f} +- {2 * std:.2f} % {'holds' if holds else 'MISSES'}"
+            if all("space_charge_bias" in row for row in rows):
+                bias = np.mean([row["space_charge_bias"][key.split("_")[2]] for row in rows])
+                corrected = 100 * ((1 + mean / 100) / (1 + bias / 100) - 1)
+                holds = min(mean, corrected) - 2 * std <= 0 <= max(mean, corrected) + 2 * std
+                held_model, total_model = held_model + holds, total_model + 1
+                corrected_errors.append(corrected)
+                cell += f" (bias {bias:+.2f}, corrected {corrected:+.2f} %, {'holds' if holds else 'MISSES'})"
+            cells.append(cell)
         print(f"{scan} [{tag}, {len(rows)} seeds]: " + "; ".join(cells))
     print(f"bands holding the truth: {held} of {total}")
+    if total_model:
+        print(f"bands with the space-charge model's bias holding the truth: {held_model} of {total_model}; corrected "
+              f"means within 3 %: {sum(abs(e) <= 3 for e in corrected_errors)} of {len(corrected_errors)}")
+
+
+def recheck(results_file: Path) -> list[dict]:
+    """The rows of a results.jsonl, each fit with space charge that lacks it given its space-charge model check
+    (psr.outputs.space_charge_check on the run's beam.h5: the fits before the check existed)."""
+    import torch
+
+    import sim
+    from psr.data.lattices import build_lattice
+    from psr.data.openpmd import read_openpmd
+    from psr.data.scanfile import read_scan
+    from psr.outputs.space_charge_check import space_charge_check
+
+    rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    for row in rows:
+        runs = results_file.parent / "runs" / f"{row['scan']}_{row['tag']}_seed{row['seed']}"
+        if "error" in row or "space_charge_bias" in row or not runs.is_dir():
+            continue
+        run = sorted(runs.glob("version_*/beam.h5"), key=lambda p: int(p.parent.name.split("_")[1]))[-1].parent
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        if not config["model"].get("space_charge"):
+            continue
+        scan = read_scan(config["data"]["path"])
+        lattice = build_lattice(scan.lattice, scan.folder, sim.SpaceCharge.from_config(config["model"]["space_charge"]))
+        beam = sim.ParticleBeam(torch.as_tensor(read_openpmd(run / "beam.h5").particles, dtype=torch.float32),
+                                scan.p0c, scan.species, charge=scan.charge)
+        settings = {n: torch.as_tensor(scan.settings[:, i], dtype=torch.float32) for i, n in enumerate(scan.setting_names)}
+        check = space_charge_check(lattice, settings, beam)
+        row["space_charge_bias"] = {p: round(100 * check[p], 2) for p in ("x", "y")}
+    return rows
 
 
 def main() -> None:
@@ -158,9 +205,12 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--summary", type=Path, default=None,
                         help="only print the coverage of the fits in this results.jsonl")
+    parser.add_argument("--recheck", action="store_true", help="with --summary: run the space-charge model check "
+                        "on the beam.h5 of fits that lack it (fits from before the check)")
     args = parser.parse_args()
     if args.summary:
-        coverage([json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()])
+        coverage(recheck(args.summary) if args.recheck else
+                 [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()])
         return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="psr_hard_beams_"))
     folder.mkdir(parents=True, exist_ok=True)

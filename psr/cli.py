@@ -372,6 +372,12 @@ def print_ensemble_summary(folder: Path) -> None:
         note = "" if row["determined"] else (f"; not determined by these data (members scatter by more than "
                                              f"{100 * UNDETERMINED_SPREAD:g} %)")
         print(f"{key}: mean +- 2 std = [{low:.4e}, {high:.4e}]{verdict}{note}")
+        if "band_2std_with_model" in row:
+            low, high = row["band_2std_with_model"]
+            verdict = "" if "truth_in_band_with_model" not in row else (
+                " (holds the truth)" if row["truth_in_band_with_model"] else " (misses the truth)")
+            print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
+                  f"{row['corrected_mean']:.4e}, band [{low:.4e}, {high:.4e}]{verdict}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
     if summary.get("by_upstream"):
         checks = [(key, e["truth_in_band"]) for row in summary["by_upstream"] for key, e in row["emittances"].items()

@@ -75,3 +75,10 @@ def test_fit_with_space_charge_recovers_the_truth_and_without_it_does_not(scan_s
         assert abs(on[f"norm_emit_{plane}"]["relative_error"]) < 0.08, on
     worst_off = max(abs(off[f"norm_emit_{p}"]["relative_error"]) for p in ("x", "y"))
     assert worst_off > 0.15, off
+    # the space-charge model check (16^3 vs 32^3, 0.1 m) of the fit with space charge, none without it
+    check = on["space_charge_check"]
+    assert check["reference"]["grid_shape"] == [32, 32, 32] and "space_charge_check" not in off
+    for plane in ("x", "y"):
+        assert abs(check[plane]) < 0.1 and 0 < check["size_change"][plane] < 0.1
+        corrected = check["corrected"][f"norm_emit_{plane}_core90"]
+        assert corrected["value"] == pytest.approx(on[f"norm_emit_{plane}_core90"]["reconstructed"] / (1 + check[plane]))

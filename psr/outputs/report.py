@@ -14,6 +14,7 @@ from psr.outputs.entropy import knn_entropy
 from psr.data.atomic import atomic_target, remove_stale_temporaries
 from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
+from psr.outputs.space_charge_check import CHECK_PARTICLES, describe, space_charge_check
 
 def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
     """{key: {"reconstructed", "true", "relative_error"}}."""
@@ -92,6 +93,30 @@ def write_beam(path: Path, particles: np.ndarray, scan) -> tuple[dict, np.ndarra
     return notes, keep
 
 
+def model_check(model, scan, rows: dict) -> dict | None:
+    """psr.outputs.space_charge_check of a fit with PIC space charge (not of a conditional model) on
+    CHECK_PARTICLES of its generator's physical particles, with each x, y emittance's corrected value
+    (reconstructed / (1 + bias of its plane; the rms bias for the core too)) and, where the truth is known,
+    its relative error."""
+    if getattr(model, "upstream", None) or not isinstance(model.lattice.space_charge, sim.SpaceCharge):
+        return None
+    beam = model.beam(CHECK_PARTICLES)
+    keep = torch.as_tensor(physical_mask(beam.particles.detach().to(torch.float64).cpu().numpy()), device=beam.particles.device)
+    beam = beam.with_particles(beam.particles[keep])
+    settings = torch.as_tensor(scan.settings, device=beam.particles.device)
+    check = space_charge_check(model.lattice, model.lattice_values(settings, beam.particles.dtype), beam)
+    if check:
+        check["corrected"] = {}
+        for key, row in rows.items():
+            plane = key.removeprefix("norm_emit_").removesuffix("_core90")
+            if plane in ("x", "y") and isinstance(row, dict) and "reconstructed" in row:
+                entry = {"value": row["reconstructed"] / (1 + check[plane])}
+                if "true" in row:
+                    entry["relative_error"] = entry["value"] / row["true"] - 1
+                check["corrected"][key] = entry
+    return check
+
+
 def report_notes(rows: dict) -> list[str]:
     """Lines to print about what write_report changed: dropped particles, a nominal charge."""
     lines = []
@@ -102,6 +127,8 @@ def report_notes(rows: dict) -> list[str]:
     if "nominal_charge_C" in rows:
         lines.append(f"the scan file's bunch charge is 0 (unknown): beam.h5 carries a nominal charge of "
                      f"{rows['nominal_charge_C'] * 1e12:g} pC (attribute psr_nominal_charge = 1)")
+    if "space_charge_check" in rows:
+        lines.append(describe(rows["space_charge_check"]))
     return lines
 
 
@@ -128,6 +155,9 @@ def write_report(model, datamodule, run_dir) -> dict:
     rows = compare_emittances(recon, truth)
     rows["entropy_nats"] = entropy_row(model, particles, scan.ground_truth, planes)
     rows.update(notes)
+    check = model_check(model, scan, rows)
+    if check:
+        rows["space_charge_check"] = check
     with atomic_target(run_dir / "emittances.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     calibration = model.calibration.report() if len(getattr(model, "calibration", ())) else None

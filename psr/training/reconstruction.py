@@ -253,11 +253,14 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if self.upstream and (beam is None or beam.particles.ndim == 2):
             beam = self._conditional_beam(settings)
         beam = beam if beam is not None else self.beam()
-        values = {name: settings[:, i].to(beam.particles.dtype) for i, name in enumerate(self.setting_names)
-                  if name not in self.upstream}
+        return self.lattice(beam, self.lattice_values(settings, beam.particles.dtype), screen_rows=measured).images
+
+    def lattice_values(self, settings: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The lattice's settings {name: (B,)} for scan settings (B, P): calibration applied, upstream settings
+        left out, settings taken by a neural element routed to it."""
+        values = {name: settings[:, i].to(dtype) for i, name in enumerate(self.setting_names) if name not in self.upstream}
         values = self.calibration(values, self.lattice)
-        values = {self.setting_routes.get(name, name): value for name, value in values.items()}
-        return self.lattice(beam, values, screen_rows=measured).images
+        return {self.setting_routes.get(name, name): value for name, value in values.items()}
 
     @torch.no_grad()
     def predict_at(self, settings: dict[str, torch.Tensor], n_particles: int | None = None):

@@ -1,0 +1,102 @@
+"""The space-charge model check (psr.outputs.space_charge_check): the quad-scan linearization in closed form,
+the check of a lattice, and the ensemble's band with the model's bias."""
+
+import numpy as np
+import pytest
+import torch
+
+import sim
+from psr.outputs.ensemble_summary import add_model_bias
+from psr.outputs.space_charge_check import emittance_bias, reference_space_charge, space_charge_check
+
+
+def _scan_maps(k1s, drift=1.0, length=0.1):
+    """Thick-quadrupole + drift 2x2 maps (the same in x and -k in y)."""
+    maps = []
+    for k in k1s:
+        out = []
+        for kk in (k, -k):
+            w = np.sqrt(complex(kk))
+            c, s = np.cos(w * length).real, (np.sin(w * length) / w).real if kk else length
+            q = np.array([[c, s], [-(w * w).real * s, c]])
+            out.append(np.array([[1, drift], [0, 1]]) @ q)
+        maps.append(out)
+    return maps
+
+
+def _track(maps, particles):
+    """(K, N, 6) of particles (N, 6) through per-setting x and y 2x2 maps (z, pz unchanged)."""
+    out = np.repeat(particles[None], len(maps), 0).copy()
+    for k, (mx, my) in enumerate(maps):
+        out[k, :, 0:2] = particles[:, 0:2] @ mx.T
+        out[k, :, 2:4] = particles[:, 2:4] @ my.T
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.02, 0.97])
+def test_a_reference_that_scales_the_beam_gives_that_emittance_change(scale):
+    rng = np.random.default_rng(0)
+    cov = np.array([[4e-6, -1e-6], [-1e-6, 1e-6]])  # x: beta 4 m, alpha 1 (emittance 1.73e-6)
+    particles = np.zeros((20000, 6))
+    particles[:, :2] = rng.multivariate_normal([0, 0], cov, 20000)
+    particles[:, 2:4] = rng.multivariate_normal([0, 0], 0.5 * cov, 20000)
+    particles[:, 4:] = rng.normal(0, 1e-3, (20000, 2))
+    maps = _scan_maps(np.linspace(-20, 20, 9))
+    # the reference acts as the model on a beam whose x-px covariance is scale * cov: its emittance is scale x
+    scaled = particles.copy()
+    scaled[:, :2] *= np.sqrt(scale)
+    bias = emittance_bias(particles, _track(maps, particles), _track(maps, scaled))
+    assert bias["x"] == pytest.approx(scale - 1, abs=1e-9)
+    assert bias["y"] == pytest.approx(0.0, abs=1e-9)
+    assert bias["size_change"]["x"] == pytest.approx(abs(np.sqrt(scale) - 1), rel=1e-9)
+
+
+def test_a_reference_that_only_rotates_the_phase_space_leaves_the_emittance():
+    rng = np.random.default_rng(1)
+    particles = rng.normal(0, 1, (20000, 6)) * np.array([2e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+    maps = _scan_maps(np.linspace(-20, 20, 9))
+    sheared = particles.copy()
+    g = 0.05  # 1/m: a thin lens changes the sizes by several %, the emittance not
+    sheared[:, 1] += g * sheared[:, 0]
+    bias = emittance_bias(particles, _track(maps, particles), _track(maps, sheared))
+    assert bias["size_change"]["x"] > 0.02
+    # the linearization's only error is second order: dS22 = 2 g S12 + g^2 S11, dS12 = g S11 give g^2 S11^2 / (2 eps^2)
+    cov = np.cov(particles[:, :2].T, bias=True)
+    assert bias["x"] == pytest.approx(g**2 * cov[0, 0] ** 2 / (2 * np.linalg.det(cov)), rel=1e-6)
+    assert abs(bias["x"]) < 0.01
+
+
+def test_check_of_a_space_charge_lattice():
+    """The shipped space-charge beamline at 3 settings: its 16^3 model against itself gives no bias, and
+    against the default reference (32^3, 0.1 m) a bias of a few percent at most, of sign as measured."""
+    items = sim.lattice.load_lattice_text(open("data/sc_quad_scan.lattice.yaml").read())
+    model = sim.SpaceCharge(grid_shape=[16, 16, 16], max_step=0.25)
+    lattice = sim.Lattice.from_list(items, space_charge=model).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    particles = torch.randn(4000, 6, generator=gen, dtype=torch.float64) * torch.tensor(
+        [1e-3, 1e-4, 1e-3, 1e-4, 1e-3, 1e-3], dtype=torch.float64)
+    beam = sim.ParticleBeam(particles, 5e6, "electron", charge=1e-11)
+    settings = {"Q1.k1": torch.tensor([-12.0, 0.0, 12.0], dtype=torch.float64)}
+    same = space_charge_check(lattice, settings, beam, reference=model)
+    assert same["x"] == pytest.approx(0, abs=1e-9) and same["y"] == pytest.approx(0, abs=1e-9)
+    check = space_charge_check(lattice, settings, beam)
+    assert check["reference"] == {"grid_shape": [32, 32, 32], "max_step": pytest.approx(0.1)}
+    assert check["screen"] == "YAG"
+    assert 0 < check["size_change"]["x"] < 0.05 and abs(check["x"]) < 0.05 and abs(check["y"]) < 0.05
+    assert space_charge_check(sim.Lattice.from_list(items), settings, beam) is None  # no space charge
+    assert space_charge_check(lattice, {"Q1.k1": settings["Q1.k1"][:2]}, beam) is None  # too few settings
+    assert reference_space_charge(sim.SpaceCharge([48, 48, 16], 0.1)).grid_shape == (64, 64, 32)
+
+
+def test_ensemble_band_with_the_model_bias():
+    rows = {"norm_emit_x": {"mean": 1.02, "std": 0.002, "true": 1.0},
+            "norm_emit_y_core90": {"mean": 0.97, "std": 0.01, "true": 1.0},
+            "norm_emit_4d": {"mean": 1.0, "std": 0.01}}
+    add_model_bias(rows, [{"x": 0.015, "y": -0.02}, {"x": 0.025, "y": -0.04}])
+    x, y = rows["norm_emit_x"], rows["norm_emit_y_core90"]
+    assert x["space_charge_bias"] == pytest.approx(0.02) and x["corrected_mean"] == pytest.approx(1.0)
+    assert x["band_2std_with_model"] == pytest.approx([1.0 - 0.004, 1.02 + 0.004])
+    assert x["truth_in_band_with_model"] and x["corrected_relative_error"] == pytest.approx(0, abs=1e-12)
+    assert y["corrected_mean"] == pytest.approx(0.97 / 0.97)
+    assert y["band_2std_with_model"] == pytest.approx([0.97 - 0.02, 1.0 + 0.02])
+    assert "space_charge_bias" not in rows["norm_emit_4d"]
