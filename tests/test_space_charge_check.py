@@ -100,3 +100,45 @@ def test_ensemble_band_with_the_model_bias():
     assert y["corrected_mean"] == pytest.approx(0.97 / 0.97)
     assert y["band_2std_with_model"] == pytest.approx([0.97 - 0.02, 1.0 + 0.02])
     assert "space_charge_bias" not in rows["norm_emit_4d"]
+
+
+def test_a_fit_reports_its_model_check(tmp_path):
+    """psr.outputs.report.model_check: a fit with PIC gets space_charge_check with corrected emittances; a fit
+    whose SectionMap ignores the bunch's space charge (an untrained one: the section's linear map) gets a
+    surrogate_check whose sizes differ from PIC by what space charge does to them (> 5 %)."""
+    import yaml
+
+    from models import MLPBeamGenerator
+    from models.elements import SectionMap
+    from psr.data.scanfile import read_scan
+    from psr.data.simulate import simulate
+    from psr.data.synthetic import SyntheticBeam
+    from psr.outputs.report import model_check
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+
+    items = sim.lattice.load_lattice_text(open("data/sc_quad_scan.lattice.yaml").read())
+    items[-1].update(resolution=[32, 32], pixel_size=[3e-4, 3e-4])
+    (tmp_path / "lattice.yaml").write_text(yaml.safe_dump(items))
+    scan = read_scan(simulate(str(tmp_path / "scan.h5"), str(tmp_path / "lattice.yaml"), {"Q1.k1": [-12.0, 0.0, 12.0]},
+                              p0c=5e6, beam=SyntheticBeam(emittance_x=2e-8, emittance_y=2e-8, beta_x=5.0, beta_y=5.0),
+                              charge=1e-11, n_particles=2000, space_charge={"grid_shape": [8, 8, 8], "max_step": 0.5},
+                              seed=0))
+    SectionMap("SC", [dict(i) for i in scan.lattice[:2]], [1e-3] * 6, inputs=["Q1.k1"]).save_weights(tmp_path / "sc.pt")
+    replace = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC", "weights": str(tmp_path / "sc.pt")}}]
+    generator = dict(n_particles=2000, n_dim=4, scale=[1e-3, 1e-4, 1e-3, 1e-4], longitudinal=[1e-3, 1e-3])
+    surrogate = PhaseSpaceReconstruction(MLPBeamGenerator(**generator), replace=replace)
+    surrogate.configure_scan(scan)
+    kind, check = model_check(surrogate, scan, {})
+    assert kind == "surrogate_check" and check["reference"]["grid_shape"] == [32, 32, 32]
+    assert max(check["size_change"].values()) > 0.05 and check["corrected"] == {}
+    pic = PhaseSpaceReconstruction(MLPBeamGenerator(**generator), space_charge={"grid_shape": [8, 8, 8], "max_step": 0.5})
+    pic.configure_scan(scan)
+    rows = {"norm_emit_x": {"reconstructed": 2e-7, "true": 2.1e-7}, "norm_emit_4d": {"reconstructed": 1e-14}}
+    kind, check = model_check(pic, scan, rows)
+    assert kind == "space_charge_check" and check["reference"]["grid_shape"] == [16, 16, 16]
+    assert check["corrected"]["norm_emit_x"]["value"] == pytest.approx(2e-7 / (1 + check["x"]))
+    assert check["corrected"]["norm_emit_x"]["relative_error"] == pytest.approx(2e-7 / (1 + check["x"]) / 2.1e-7 - 1)
+    assert "norm_emit_4d" not in check["corrected"]
+    plain = PhaseSpaceReconstruction(MLPBeamGenerator(**generator))
+    plain.configure_scan(scan)
+    assert model_check(plain, scan, {}) is None  # no space charge, no surrogate

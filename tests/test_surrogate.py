@@ -137,6 +137,14 @@ def test_replace_routes_scan_settings_to_the_section(tmp_path, one_thread):
     with torch.no_grad():
         a, b = plain.predict_images(settings)["YAG"], with_map.predict_images(settings)["YAG"]
     assert torch.allclose(a, b, atol=1e-6)
+    # the element is fixed physics in the fit: a training step moves the beam, not the element's weights
+    weights = [p.detach().clone() for p in with_map.lattice.parameters()]
+    assert weights and not any(p.requires_grad for p in with_map.lattice.parameters())
+    optimizer = torch.optim.Adam(with_map.parameters(), lr=0.1)
+    with_map.predict_images(settings)["YAG"].pow(2).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(w, p) for w, p in zip(weights, with_map.lattice.parameters()))
+    assert any(p.grad is not None for p in with_map.generator.parameters())
     longer = [dict(section[0]), {**section[1], "length": 2.0}]
     SectionMap("SC", longer, [1e-3] * 6, inputs=["Q1.k1"]).save_weights(tmp_path / "other.pt")
     other = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "weights": str(tmp_path / "other.pt")}}]

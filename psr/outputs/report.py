@@ -14,7 +14,9 @@ from psr.outputs.entropy import knn_entropy
 from psr.data.atomic import atomic_target, remove_stale_temporaries
 from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
-from psr.outputs.space_charge_check import CHECK_PARTICLES, describe, space_charge_check
+from psr.data.lattices import build_lattice
+from psr.outputs.space_charge_check import (SURROGATE_REFERENCE, compare_to_reference, describe,
+                                             describe_surrogate, space_charge_check)
 
 def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
     """{key: {"reconstructed", "true", "relative_error"}}."""
@@ -93,28 +95,44 @@ def write_beam(path: Path, particles: np.ndarray, scan) -> tuple[dict, np.ndarra
     return notes, keep
 
 
-def model_check(model, scan, rows: dict) -> dict | None:
-    """psr.outputs.space_charge_check of a fit with PIC space charge (not of a conditional model) on
-    CHECK_PARTICLES of its generator's physical particles, with each x, y emittance's corrected value
-    (reconstructed / (1 + bias of its plane; the rms bias for the core too)) and, where the truth is known,
-    its relative error."""
-    if getattr(model, "upstream", None) or not isinstance(model.lattice.space_charge, sim.SpaceCharge):
+def model_check(model, scan, rows: dict) -> tuple[str, dict] | None:
+    """The fit's model against a reference, on the reconstructed beam's particles (those of beam.h5; not for
+    conditional models): ("space_charge_check", psr.outputs.space_charge_check with each x, y emittance's
+    corrected value, reconstructed / (1 + bias of its plane; the rms bias for the core too), and its error
+    where the truth is known) for a fit with PIC space charge; ("surrogate_check", the same) for a fit whose
+    neural elements replace sections of a charged bunch's lattice (`model.replace`): the reference is then the
+    scan's own lattice with SURROGATE_REFERENCE space charge."""
+    pic = isinstance(model.lattice.space_charge, sim.SpaceCharge)
+    surrogate = bool(model.hparams.get("replace")) and scan.charge > 0 and model.lattice.space_charge is None
+    if getattr(model, "upstream", None) or not (pic or surrogate):
         return None
-    beam = model.beam(CHECK_PARTICLES)
+    beam = model.beam()
     keep = torch.as_tensor(physical_mask(beam.particles.detach().to(torch.float64).cpu().numpy()), device=beam.particles.device)
-    beam = beam.with_particles(beam.particles[keep])
+    # the particles of beam.h5 with the scan's charge (a fit without PIC tracks a beam of charge 0)
+    beam = sim.ParticleBeam(beam.particles[keep], scan.p0c, scan.species, scan.charge)
     settings = torch.as_tensor(scan.settings, device=beam.particles.device)
-    check = space_charge_check(model.lattice, model.lattice_values(settings, beam.particles.dtype), beam)
-    if check:
-        check["corrected"] = {}
-        for key, row in rows.items():
-            plane = key.removeprefix("norm_emit_").removesuffix("_core90")
-            if plane in ("x", "y") and isinstance(row, dict) and "reconstructed" in row:
-                entry = {"value": row["reconstructed"] / (1 + check[plane])}
-                if "true" in row:
-                    entry["relative_error"] = entry["value"] / row["true"] - 1
-                check["corrected"][key] = entry
-    return check
+    values = model.lattice_values(settings, beam.particles.dtype)
+    if surrogate:
+        reference = build_lattice(scan.lattice, scan.folder, SURROGATE_REFERENCE).to(beam.particles.device)
+        check = compare_to_reference(model.lattice, values, reference,
+                                     model.lattice_values(settings, beam.particles.dtype, route=False), beam)
+        kind = "surrogate_check"
+        if check:
+            check = {"reference": {"grid_shape": list(SURROGATE_REFERENCE.grid_shape),
+                                   "max_step": SURROGATE_REFERENCE.max_step}, **check}
+    else:
+        check, kind = space_charge_check(model.lattice, values, beam), "space_charge_check"
+    if not check:
+        return None
+    check["corrected"] = {}
+    for key, row in rows.items():
+        plane = key.removeprefix("norm_emit_").removesuffix("_core90")
+        if plane in ("x", "y") and isinstance(row, dict) and "reconstructed" in row:
+            entry = {"value": row["reconstructed"] / (1 + check[plane])}
+            if "true" in row:
+                entry["relative_error"] = entry["value"] / row["true"] - 1
+            check["corrected"][key] = entry
+    return kind, check
 
 
 def report_notes(rows: dict) -> list[str]:
@@ -129,6 +147,8 @@ def report_notes(rows: dict) -> list[str]:
                      f"{rows['nominal_charge_C'] * 1e12:g} pC (attribute psr_nominal_charge = 1)")
     if "space_charge_check" in rows:
         lines.append(describe(rows["space_charge_check"]))
+    if "surrogate_check" in rows:
+        lines.append(describe_surrogate(rows["surrogate_check"]))
     return lines
 
 
@@ -157,7 +177,7 @@ def write_report(model, datamodule, run_dir) -> dict:
     rows.update(notes)
     check = model_check(model, scan, rows)
     if check:
-        rows["space_charge_check"] = check
+        rows[check[0]] = check[1]
     with atomic_target(run_dir / "emittances.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     calibration = model.calibration.report() if len(getattr(model, "calibration", ())) else None

@@ -186,6 +186,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
         checkpoint, so a trained run predicts without its scan file: `psr predict`)."""
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         self.lattice = build_lattice(summary["lattice"], summary.get("folder"), space_charge).to(self.device)
+        # neural elements (a surrogate from model.replace, or in the scan's lattice) are fixed physics in a fit: the
+        # optimizer would otherwise retrain them on the scan's images together with the beam, which lets the two
+        # trade off (the shipped surrogate fit moved its element's sizes by up to 11 % against PIC that way)
+        self.lattice.requires_grad_(False)
         self.setting_routes = dict(summary.get("routes") or {})
         self.p0c, self.species, self.charge = summary["p0c"], summary["species"], summary["charge"]
         self.setting_names = list(summary["setting_names"])
@@ -255,12 +259,12 @@ class PhaseSpaceReconstruction(L.LightningModule):
         beam = beam if beam is not None else self.beam()
         return self.lattice(beam, self.lattice_values(settings, beam.particles.dtype), screen_rows=measured).images
 
-    def lattice_values(self, settings: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def lattice_values(self, settings: torch.Tensor, dtype: torch.dtype, route: bool = True) -> dict[str, torch.Tensor]:
         """The lattice's settings {name: (B,)} for scan settings (B, P): calibration applied, upstream settings
-        left out, settings taken by a neural element routed to it."""
+        left out, settings taken by a neural element routed to it (route False: under the scan's names)."""
         values = {name: settings[:, i].to(dtype) for i, name in enumerate(self.setting_names) if name not in self.upstream}
         values = self.calibration(values, self.lattice)
-        return {self.setting_routes.get(name, name): value for name, value in values.items()}
+        return {(self.setting_routes.get(name, name) if route else name): value for name, value in values.items()}
 
     @torch.no_grad()
     def predict_at(self, settings: dict[str, torch.Tensor], n_particles: int | None = None):
