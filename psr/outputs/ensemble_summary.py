@@ -15,6 +15,7 @@ from psr.data.openpmd import read_openpmd
 from psr.data.scanfile import read_scan
 from psr.outputs.plots import plot_ensemble_marginals, plot_ensemble_phase_space, plot_ensemble_profiles
 from psr.outputs.report import PLANES_4D, PLANES_6D, emittance_table
+from psr.outputs.space_charge_check import emittance_plane
 
 AXES = ("x", "px", "y", "py", "z", "pz")
 # an emittance whose members scatter by more than this (relative std) is reported as not determined by the data
@@ -46,7 +47,7 @@ def add_model_bias(emittances: dict, checks: list[dict]) -> None:
     band_2std_with_model: from the lower to the upper of the two means, each +- 2 std (it holds both the
     fit's answer and the reference model's); with the truth, whether that band holds it."""
     for key, row in emittances.items():
-        plane = key.removeprefix("norm_emit_").removesuffix("_core90")
+        plane = emittance_plane(key)
         if plane not in ("x", "y"):
             continue
         bias = float(np.mean([c[plane] for c in checks]))

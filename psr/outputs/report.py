@@ -15,8 +15,8 @@ from psr.data.atomic import atomic_target, remove_stale_temporaries
 from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
 from psr.data.lattices import build_lattice
-from psr.outputs.space_charge_check import (SURROGATE_REFERENCE, compare_to_reference, describe,
-                                             describe_surrogate, space_charge_check)
+from psr.outputs.space_charge_check import (SURROGATE_REFERENCE, compare_to_reference, describe, describe_surrogate,
+                                             emittance_plane, reference_info, space_charge_check)
 
 def compare_emittances(reconstructed: dict, truth: dict | None) -> dict:
     """{key: {"reconstructed", "true", "relative_error"}}."""
@@ -118,15 +118,14 @@ def model_check(model, scan, rows: dict) -> tuple[str, dict] | None:
                                      model.lattice_values(settings, beam.particles.dtype, route=False), beam)
         kind = "surrogate_check"
         if check:
-            check = {"reference": {"grid_shape": list(SURROGATE_REFERENCE.grid_shape),
-                                   "max_step": SURROGATE_REFERENCE.max_step}, **check}
+            check = {"reference": reference_info(SURROGATE_REFERENCE), **check}
     else:
         check, kind = space_charge_check(model.lattice, values, beam), "space_charge_check"
     if not check:
         return None
     check["corrected"] = {}
     for key, row in rows.items():
-        plane = key.removeprefix("norm_emit_").removesuffix("_core90")
+        plane = emittance_plane(key)
         if plane in ("x", "y") and isinstance(row, dict) and "reconstructed" in row:
             entry = {"value": row["reconstructed"] / (1 + check[plane])}
             if "true" in row:

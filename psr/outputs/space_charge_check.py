@@ -38,6 +38,16 @@ def reference_space_charge(model: sim.SpaceCharge) -> sim.SpaceCharge:
                            max_step=0.4 * model.max_step, checkpoint=False)
 
 
+def reference_info(space_charge: sim.SpaceCharge) -> dict:
+    """The reference's settings as the checks record them."""
+    return {"grid_shape": list(space_charge.grid_shape), "max_step": space_charge.max_step}
+
+
+def emittance_plane(key: str) -> str:
+    """The plane of an emittance key: norm_emit_x and norm_emit_x_core90 -> "x"."""
+    return key.removeprefix("norm_emit_").removesuffix("_core90")
+
+
 def emittance_bias(initial: np.ndarray, screen: np.ndarray, reference: np.ndarray) -> dict:
     """Relative rms-emittance error per plane that the model of `screen` gives a fitted beam, if `reference`
     were the true physics (module docstring). initial (N, 6) particles at the start; screen, reference
@@ -98,7 +108,7 @@ def space_charge_check(lattice: sim.Lattice, settings: dict[str, torch.Tensor], 
         return None
     reference = reference or reference_space_charge(lattice.space_charge)
     result = compare_to_reference(lattice, settings, sim.Lattice(list(lattice.elements), reference), settings, beam)
-    return result and {"reference": {"grid_shape": list(reference.grid_shape), "max_step": reference.max_step}, **result}
+    return result and {"reference": reference_info(reference), **result}
 
 
 def describe(check: dict) -> str:
