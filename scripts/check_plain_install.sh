@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A plain `pip install .` (no extras) into a fresh virtual environment runs every shipped config:
 # a 2-step fit of each configs/*.yaml, `psr import` of each data/*.import.yaml, and for each
-# configs/*.surrogate.yaml a small `psr simulate-pairs` of its data/*.pairs.yaml and 2 training steps,
+# configs/*.surrogate.yaml a small `psr simulate-pairs` of each of its data/<name>[.<set>].pairs.yaml and 2
+# training steps on them,
 # run from the installed package (not this source tree).
 # Usage: bash scripts/check_plain_install.sh   (exit code 0 when every config ran)
 set -euo pipefail
@@ -42,16 +43,22 @@ for config in data/*.import.yaml; do  # psr import's image libraries come with t
     echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1
   fi
 done
-for config in configs/*.surrogate.yaml; do  # pairs files are large and not shipped: a small one is made
-  pairs="data/$(basename "$config" .surrogate.yaml).pairs.yaml"
-  if "$WORK/venv/bin/psr" simulate-pairs --config "$pairs" --n_beams 5 --n_particles 400 --output "$WORK/pairs.h5" \
-       >"$WORK/log.txt" 2>&1 \
-     && "$WORK/venv/bin/psr" surrogate --config "$config" --data.path "$WORK/pairs.h5" --model.weights "$WORK/w.pt" \
-       --trainer.max_steps=2 --data.steps_per_epoch=2 --trainer.enable_progress_bar=false \
+for config in configs/*.surrogate.yaml; do  # pairs files are large and not shipped: small ones are made
+  name=$(basename "$config" .surrogate.yaml)
+  made=() && : >"$WORK/log.txt"
+  for pairs in data/"$name".pairs.yaml data/"$name".*.pairs.yaml; do  # its data/<name>[.<set>].pairs.yaml
+    [ -f "$pairs" ] || continue
+    out="$WORK/$(basename "$pairs" .yaml).h5"
+    "$WORK/venv/bin/psr" simulate-pairs --config "$pairs" --n_beams 5 --n_particles 400 --output "$out" \
+      >>"$WORK/log.txt" 2>&1 && made+=("$out") || made+=("FAILED")
+  done
+  list=$(IFS=,; echo "[${made[*]}]")
+  if [[ "$list" != *FAILED* ]] && "$WORK/venv/bin/psr" surrogate --config "$config" --data.path "$list" \
+       --model.weights "$WORK/w.pt" --trainer.max_steps=2 --data.steps_per_epoch=2 --trainer.enable_progress_bar=false \
        --trainer.logger.init_args.save_dir="$WORK/runs" >>"$WORK/log.txt" 2>&1; then
-    echo "ok      $config ($pairs)"
+    echo "ok      $config (${#made[@]} pairs configs)"
   else
-    echo "FAILED  $config ($pairs)"; tail -5 "$WORK/log.txt"; status=1
+    echo "FAILED  $config"; tail -5 "$WORK/log.txt"; status=1
   fi
 done
 exit $status

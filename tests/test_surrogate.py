@@ -168,3 +168,52 @@ def test_emittance_term_of_the_loss(linear_pairs):
     wider[..., 1] = mean + 1.1 * (wider[..., 1] - mean)
     term = module.losses({**batch, "beams_out": wider})["emittance"]
     assert abs(term - (1 / 1.1 - 1) ** 2 / 2) < 1e-5
+
+
+def test_pairs_from_beam_files(linear_pairs, tmp_path, capfd):
+    """simulate-pairs with beam_files: input beams are particles of the files (unperturbed: exactly, row by row),
+    perturbed per plane within exp(+-scale) in rms size; the outputs are the section's physics of those beams;
+    two pairs files of one section train together, each holding out its own every val_every-th beam."""
+    from psr.data.openpmd import write_openpmd
+    from psr.training.surrogate import PairsDataModule
+
+    (tmp_path / "section.yaml").write_text(SECTION)
+    sources = []
+    for i, beta in enumerate((3.0, 9.0)):
+        sources.append(SyntheticBeam(emittance_x=1e-8, emittance_y=1e-8, beta_x=beta).sample(300, seed=i).double())
+        write_openpmd(tmp_path / f"beam{i}.h5", sources[-1], p0c=60e6)
+    files = [str(tmp_path / "beam0.h5"), str(tmp_path / "beam1.h5")]
+    exact = read_pairs(simulate_pairs(str(tmp_path / "exact.h5"), str(tmp_path / "section.yaml"), p0c=60e6, n_beams=4,
+                                      n_particles=200, settings={"Q1.k1": [-5.0, 5.0]}, beam_files=files,
+                                      perturb={"scale": 0.0, "shear": 0.0}, seed=1))
+    rows = {tuple(np.round(r, 6)) for s in sources for r in s.float().numpy().astype(np.float64) * 1e6}
+    for beam in exact.beams_in:
+        assert len({tuple(np.round(r, 6)) for r in beam.astype(np.float64) * 1e6} - rows) == 0
+        assert len(np.unique(beam[:, 0])) == 200  # drawn without replacement
+    perturbed = read_pairs(simulate_pairs(str(tmp_path / "perturbed.h5"), str(tmp_path / "section.yaml"), p0c=60e6,
+                                          n_beams=6, n_particles=200, settings={"Q1.k1": [-5.0, 5.0]},
+                                          beam_files=files, perturb={"scale": 0.2, "shear": 0.0}, seed=2))
+    beams_in = torch.as_tensor(perturbed.beams_in, dtype=torch.float64)
+    lattice = sim.Lattice.from_list(perturbed.lattice).double()
+    out = lattice(sim.ParticleBeam(beams_in, p0c=60e6), {"Q1.k1": torch.as_tensor(perturbed.settings[:, 0])[:, None]})
+    expected = out.beam.particles.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
+    assert np.allclose(perturbed.beams_out, expected.numpy(), rtol=1e-5, atol=1e-10)
+    # every plane's size is a source's size (of the drawn subset) times a factor within exp(+-0.2)
+    source_sizes = torch.stack([rms(s) for s in sources])  # (2, 6)
+    ratios = rms(beams_in)[:, None, :4] / source_sizes[None, :, :4]
+    closest = (ratios.log().abs() - 0.2).clamp(min=0).amax(-1).min(-1).values
+    assert (closest < 0.15).all() and (ratios.log().abs() > 0.02).any()  # the draw noise of 200 of 300 particles
+
+    module = PairsDataModule([str(tmp_path / "perturbed.h5"), str(tmp_path / "exact.h5")], val_every=2)
+    module.setup()
+    assert list(module.val_index) == [1, 3, 5, 7, 9] and module.beams_in.shape == (10, 200, 6)
+    other = simulate_pairs(str(tmp_path / "other.h5"), str(tmp_path / "section.yaml"), p0c=50e6, n_beams=2,
+                           n_particles=200, settings={"Q1.k1": [-5.0, 5.0]}, beam_files=files, seed=3)
+    with pytest.raises(ValueError, match="other.h5: its p0c .* differs from .*perturbed.h5"):
+        PairsDataModule([str(tmp_path / "perturbed.h5"), str(other)]).setup()
+    _run_bad(["simulate-pairs", f"--output={tmp_path / 'p.h5'}", f"--lattice={tmp_path / 'section.yaml'}",
+              "--p0c=6e7", f"--beam_files=[{tmp_path / 'none.h5'}]"], tmp_path, capfd, ["beam_files", "none.h5",
+                                                                                         "no such file"])
+    _run_bad(["simulate-pairs", f"--output={tmp_path / 'p.h5'}", f"--lattice={tmp_path / 'section.yaml'}",
+              "--p0c=6e7", f"--beam_files=[{files[0]}]", "--beam_ranges={beta_x: [1, 2]}"], tmp_path, capfd,
+             ["beam_files replaces beam / beam_ranges"])

@@ -8,6 +8,7 @@ import torch
 import sim
 from psr.data.checks import check_output_folder
 from psr.data.lattices import build_lattice
+from psr.data.openpmd import read_openpmd
 from psr.data.pairs import PairsData, write_pairs
 from psr.data.synthetic import SyntheticBeam
 
@@ -26,6 +27,34 @@ def _draw(ranges: dict[str, list[float]], rng: np.random.Generator, what: str) -
     return out
 
 
+def _perturbed(particles: np.ndarray, perturb: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Per transverse plane about its mean: u -> s_u u, pu -> s_p pu + g u with s_u, s_p = exp(U(-scale, scale))
+    and g = U(-shear, shear) std(pu) / std(u): beams near a given one (sizes +-scale in log, tilted)."""
+    p = particles.copy()
+    scale, shear = float(perturb.get("scale", 0.0)), float(perturb.get("shear", 0.0))
+    for i in (0, 2):
+        s_u, s_p = np.exp(rng.uniform(-scale, scale, 2))
+        u, pu = p[:, i] - p[:, i].mean(), p[:, i + 1] - p[:, i + 1].mean()
+        g = rng.uniform(-shear, shear) * pu.std() / max(u.std(), 1e-30)
+        p[:, i], p[:, i + 1] = p[:, i].mean() + s_u * u, p[:, i + 1].mean() + s_p * pu + g * u
+    return p
+
+
+def _beam_files(paths: list[str], p0c: float) -> list[np.ndarray]:
+    """The particles (N, 6) of openPMD beam files at the section's entrance; one clear error for a missing file,
+    another format or another reference momentum."""
+    beams = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"beam_files: {path}: " + ("is a folder" if Path(path).is_dir() else "no such file"))
+        try:
+            beam = read_openpmd(path, p0c=p0c)
+        except (OSError, KeyError, ValueError) as err:
+            raise ValueError(f"beam_files: {path}: not an openPMD beam file ({err})") from None
+        beams.append(beam.particles)
+    return beams
+
+
 def simulate_pairs(
     output: str,
     lattice: str,
@@ -41,6 +70,8 @@ def simulate_pairs(
     charge: float = 0.0,
     space_charge: dict | None = None,
     seed: int = 0,
+    beam_files: list[str] | None = None,
+    perturb: dict[str, float] | None = None,
 ) -> Path:
     """Track M input beams through a section with psr's reference physics and write them and their outputs.
 
@@ -59,6 +90,11 @@ def simulate_pairs(
         species, charge: the bunch (charge [C] is what space charge acts with).
         space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres}: the reference physics' space charge.
         seed: seeds the draws and the beams.
+        beam_files: openPMD beam files (e.g. fits' beam.h5, at the section's entrance) to draw the input beams
+            from instead of `beam` / `beam_ranges`: each input beam is n_particles of a random file's particles
+            (without replacement where it has that many), then perturbed (`perturb`).
+        perturb: {"scale": s, "shear": g} for beam_files: per transverse plane, position and momentum spreads
+            scaled by exp(U(-s, s)) each and a shear pu += U(-g, g) std(pu)/std(u) u (default 0.3, 0.3).
     """
     if isinstance(n_beams, bool) or not isinstance(n_beams, int) or n_beams < 1:
         raise ValueError(f"n_beams must be a positive integer, got {n_beams!r}")
@@ -92,17 +128,38 @@ def simulate_pairs(
                 lat.split_settings(dict.fromkeys(table, 0.0))
             except KeyError as err:
                 raise ValueError(f"{what}: {err.args[0]}") from None
-    try:
-        SyntheticBeam(**(beam or {}), **{k: float(v[0]) for k, v in (beam_ranges or {}).items()})
-    except TypeError as err:
-        raise ValueError(f"beam / beam_ranges: {err}") from None
+    if beam_files is not None:
+        if beam or beam_ranges:
+            raise ValueError("beam_files replaces beam / beam_ranges: give one or the other")
+        if isinstance(beam_files, str) or not beam_files:
+            raise ValueError(f"beam_files must be a non-empty list of openPMD files, got {beam_files!r}")
+        perturb = {"scale": 0.3, "shear": 0.3} if perturb is None else dict(perturb)
+        unknown = set(perturb) - {"scale", "shear"}
+        if unknown or not all(isinstance(v, (int, float)) and 0 <= v < 5 for v in perturb.values()):
+            raise ValueError(f"perturb must be {{scale: s, shear: g}} with 0 <= s, g < 5, got {perturb!r}")
+        files = _beam_files(list(beam_files), p0c)
+    elif perturb is not None:
+        raise ValueError("perturb is for beam_files")
+    else:
+        try:
+            SyntheticBeam(**(beam or {}), **{k: float(v[0]) for k, v in (beam_ranges or {}).items()})
+        except TypeError as err:
+            raise ValueError(f"beam / beam_ranges: {err}") from None
     rng = np.random.default_rng(seed)
     beams_in, beams_out, rows = [], [], []
     for m in range(n_beams):
-        args = {**(beam or {}), **_draw(beam_ranges, rng, "beam_ranges")}
+        if beam_files is None:
+            args = {**(beam or {}), **_draw(beam_ranges, rng, "beam_ranges")}
+        else:
+            source = files[rng.integers(len(files))]
+            chosen = rng.choice(len(source), n_particles, replace=len(source) < n_particles)
+            drawn = torch.as_tensor(_perturbed(source[chosen], perturb, rng))
         values = _draw(settings, rng, "settings")
         up = _draw(upstream_settings, rng, "upstream_settings")
-        particles = SyntheticBeam(**args).sample(n_particles, seed=seed * 100_003 + m).double()
+        if beam_files is None:
+            particles = SyntheticBeam(**args).sample(n_particles, seed=seed * 100_003 + m).double()
+        else:
+            particles = drawn.double()
         bunch = sim.ParticleBeam(particles, p0c=p0c, species=species, charge=charge)
         with torch.no_grad():
             if "upstream" in lattices:

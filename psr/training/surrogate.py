@@ -8,6 +8,8 @@ rms sizes and emittances of held-out beams against the reference.
 """
 
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import sim
 from models.elements import NEURAL_ELEMENT_TYPES, section_setting_key
-from psr.data.pairs import read_pairs
+from psr.data.pairs import PairsData, read_pairs
 
 RMS_KEYS = ("x", "px", "y", "py", "z", "pz")
 
@@ -35,11 +37,41 @@ class _Batches(IterableDataset):
             yield self.module.random_batch()
 
 
+def read_pairs_files(paths: str | list[str]) -> tuple[PairsData, list[tuple[int, int]]]:
+    """One pairs file, or several of the same section, settings, p0c, species, charge and particle count
+    concatenated, and each file's (first beam, beam count)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("data.path: give a pairs file or a list of them")
+    parts, first = [], read_pairs(paths[0])
+    all_pairs = [first]
+    for path in paths[1:]:
+        pairs = read_pairs(path)
+        for what, mine, theirs in (("section (/lattice)", pairs.lattice, first.lattice),
+                                   ("setting names", pairs.setting_names, first.setting_names),
+                                   ("p0c", pairs.p0c, first.p0c), ("species", pairs.species, first.species),
+                                   ("charge", pairs.charge, first.charge),
+                                   ("particles per beam", pairs.beams_in.shape[1], first.beams_in.shape[1])):
+            if mine != theirs:
+                raise ValueError(f"{path}: its {what} ({mine!r}) differs from {paths[0]}'s ({theirs!r}): files "
+                                 "trained together must describe one section and bunch")
+        all_pairs.append(pairs)
+    start = 0
+    for pairs in all_pairs:
+        parts.append((start, pairs.beams_in.shape[0]))
+        start += pairs.beams_in.shape[0]
+    out = replace(first, settings=np.concatenate([p.settings for p in all_pairs]),
+                  beams_in=np.concatenate([p.beams_in for p in all_pairs]),
+                  beams_out=np.concatenate([p.beams_out for p in all_pairs]))
+    return out, parts
+
+
 class PairsDataModule(L.LightningDataModule):
-    """Beams of a pairs file: every `val_every`-th beam held out; training batches of `beams_per_batch` random
+    """Beams of a pairs file (or of several files of one section, settings, bunch and particle count, e.g. a
+    synthetic range and beams fits visited): every `val_every`-th beam of each file held out; training batches of `beams_per_batch` random
     beams with `particles_per_beam` random particles each (all particles when None)."""
 
-    def __init__(self, path: str, val_every: int = 5, beams_per_batch: int = 8, particles_per_beam: int | None = 4000,
+    def __init__(self, path: str | list[str], val_every: int = 5, beams_per_batch: int = 8, particles_per_beam: int | None = 4000,
                  steps_per_epoch: int = 100, seed: int = 0):
         super().__init__()
         if val_every < 2:
@@ -51,9 +83,10 @@ class PairsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None):
         if self.pairs is None:
-            self.pairs = read_pairs(self.path)
+            self.pairs, parts = read_pairs_files(self.path)
             m = self.pairs.beams_in.shape[0]
-            self.val_index = np.arange(self.val_every - 1, m, self.val_every)
+            held = [start + np.arange(self.val_every - 1, count, self.val_every) for start, count in parts]
+            self.val_index = np.concatenate(held)
             self.train_index = np.setdiff1d(np.arange(m), self.val_index)
             if len(self.train_index) == 0 or len(self.val_index) == 0:
                 raise ValueError(f"{self.path}: {m} beams leave no training or no held-out beams with val_every "
