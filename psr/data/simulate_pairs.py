@@ -150,16 +150,13 @@ def simulate_pairs(
     for m in range(n_beams):
         if beam_files is None:
             args = {**(beam or {}), **_draw(beam_ranges, rng, "beam_ranges")}
+            particles = SyntheticBeam(**args).sample(n_particles, seed=seed * 100_003 + m).double()
         else:
             source = files[rng.integers(len(files))]
             chosen = rng.choice(len(source), n_particles, replace=len(source) < n_particles)
-            drawn = torch.as_tensor(_perturbed(source[chosen], perturb, rng))
+            particles = torch.as_tensor(_perturbed(source[chosen], perturb, rng)).double()
         values = _draw(settings, rng, "settings")
         up = _draw(upstream_settings, rng, "upstream_settings")
-        if beam_files is None:
-            particles = SyntheticBeam(**args).sample(n_particles, seed=seed * 100_003 + m).double()
-        else:
-            particles = drawn.double()
         bunch = sim.ParticleBeam(particles, p0c=p0c, species=species, charge=charge)
         with torch.no_grad():
             if "upstream" in lattices:

@@ -43,7 +43,7 @@ def read_pairs_files(paths: str | list[str]) -> tuple[PairsData, list[tuple[int,
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("data.path: give a pairs file or a list of them")
-    parts, first = [], read_pairs(paths[0])
+    first = read_pairs(paths[0])
     all_pairs = [first]
     for path in paths[1:]:
         pairs = read_pairs(path)
@@ -56,10 +56,8 @@ def read_pairs_files(paths: str | list[str]) -> tuple[PairsData, list[tuple[int,
                 raise ValueError(f"{path}: its {what} ({mine!r}) differs from {paths[0]}'s ({theirs!r}): files "
                                  "trained together must describe one section and bunch")
         all_pairs.append(pairs)
-    start = 0
-    for pairs in all_pairs:
-        parts.append((start, pairs.beams_in.shape[0]))
-        start += pairs.beams_in.shape[0]
+    counts = [pairs.beams_in.shape[0] for pairs in all_pairs]
+    parts = [(int(start), count) for start, count in zip(np.cumsum([0, *counts[:-1]]), counts)]
     out = replace(first, settings=np.concatenate([p.settings for p in all_pairs]),
                   beams_in=np.concatenate([p.beams_in for p in all_pairs]),
                   beams_out=np.concatenate([p.beams_out for p in all_pairs]))
@@ -68,11 +66,11 @@ def read_pairs_files(paths: str | list[str]) -> tuple[PairsData, list[tuple[int,
 
 class PairsDataModule(L.LightningDataModule):
     """Beams of a pairs file (or of several files of one section, settings, bunch and particle count, e.g. a
-    synthetic range and beams fits visited): every `val_every`-th beam of each file held out; training batches of `beams_per_batch` random
-    beams with `particles_per_beam` random particles each (all particles when None)."""
+    synthetic range and beams fits visited): every `val_every`-th beam of each file held out; training batches
+    of `beams_per_batch` random beams with `particles_per_beam` random particles each (all when None)."""
 
-    def __init__(self, path: str | list[str], val_every: int = 5, beams_per_batch: int = 8, particles_per_beam: int | None = 4000,
-                 steps_per_epoch: int = 100, seed: int = 0):
+    def __init__(self, path: str | list[str], val_every: int = 5, beams_per_batch: int = 8,
+                 particles_per_beam: int | None = 4000, steps_per_epoch: int = 100, seed: int = 0):
         super().__init__()
         if val_every < 2:
             raise ValueError(f"data.val_every must be >= 2 (every val_every-th beam is held out), got {val_every}")
