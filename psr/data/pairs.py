@@ -7,7 +7,7 @@
     /beams_out   float32 (M, N, 6): what the reference physics made of them
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -94,3 +94,30 @@ def read_pairs(path) -> PairsData:
             species=str(handle.attrs.get("species", "electron")), charge=float(handle.attrs.get("charge", 0.0)))
     check_pairs(pairs, str(path))
     return pairs
+
+
+def read_pairs_files(paths: str | list[str]) -> tuple[PairsData, list[tuple[int, int]]]:
+    """One pairs file, or several of the same section, settings, p0c, species, charge and particle count
+    concatenated, and each file's (first beam, beam count)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("data.path: give a pairs file or a list of them")
+    first = read_pairs(paths[0])
+    all_pairs = [first]
+    for path in paths[1:]:
+        pairs = read_pairs(path)
+        for what, mine, theirs in (("section (/lattice)", pairs.lattice, first.lattice),
+                                   ("setting names", pairs.setting_names, first.setting_names),
+                                   ("p0c", pairs.p0c, first.p0c), ("species", pairs.species, first.species),
+                                   ("charge", pairs.charge, first.charge),
+                                   ("particles per beam", pairs.beams_in.shape[1], first.beams_in.shape[1])):
+            if mine != theirs:
+                raise ValueError(f"{path}: its {what} ({mine!r}) differs from {paths[0]}'s ({theirs!r}): files "
+                                 "trained together must describe one section and bunch")
+        all_pairs.append(pairs)
+    counts = [pairs.beams_in.shape[0] for pairs in all_pairs]
+    parts = [(int(start), count) for start, count in zip(np.cumsum([0, *counts[:-1]]), counts)]
+    out = replace(first, settings=np.concatenate([p.settings for p in all_pairs]),
+                  beams_in=np.concatenate([p.beams_in for p in all_pairs]),
+                  beams_out=np.concatenate([p.beams_out for p in all_pairs]))
+    return out, parts

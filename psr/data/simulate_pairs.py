@@ -41,8 +41,8 @@ def _perturbed(particles: np.ndarray, perturb: dict[str, float], rng: np.random.
 
 
 def _beam_files(paths: list[str], p0c: float) -> list[np.ndarray]:
-    """The particles (N, 6) of openPMD beam files at the section's entrance; one clear error for a missing file,
-    another format or another reference momentum."""
+    """The particles (N, 6) of openPMD beam files at the section's entrance, relative to `p0c` [eV]; one clear
+    error for a missing file or another format."""
     beams = []
     for path in paths:
         if not Path(path).is_file():
