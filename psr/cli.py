@@ -10,6 +10,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from psr.data.datamodule import ScanDataModule
+from psr.allocator import keep_freed_memory
 from psr.preflight import check_config_files
 from psr.training.reconstruction import PhaseSpaceReconstruction
 
@@ -167,6 +168,7 @@ def _quiet_training_warnings() -> None:
 
 def fit_cli(args=None, run=True) -> PsrCLI:
     _quiet_training_warnings()
+    keep_freed_memory()
     return PsrCLI(
         PhaseSpaceReconstruction,
         ScanDataModule,
@@ -399,6 +401,7 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     _quiet_startup()
+    keep_freed_memory()
     try:
         if command in ("fit", "ensemble", "simulate", "simulate-pairs", "surrogate"):
             check_config_files(argv[1:])

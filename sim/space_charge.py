@@ -110,9 +110,13 @@ class SpaceCharge:
     def _grid(self, positions: torch.Tensor):
         """Origin (B, 3), cell sizes (B, 3) and cache keys of grids that cover each bunch's bounding box
         (particles at least half a cell inside): cell sizes rounded up to powers of SPACING_RATIO."""
-        lo_grad, hi_grad = positions.amin(-2), positions.amax(-2)
-        if self.extent is not None:
-            mean, std = positions.detach().mean(-2), positions.detach().std(-2)
+        columns = positions.detach().transpose(-1, -2).contiguous()  # (B, 3, N): fast contiguous reductions
+        # the extremes differentiably by gathering them (autograd keeps only their indices)
+        lo_grad, hi_grad = (positions.gather(-2, index.unsqueeze(-2)).squeeze(-2)
+                            for index in (columns.argmin(-1), columns.argmax(-1)))
+        if self.extent is not None:  # two passes: std_mean's one-pass algorithm is several times slower
+            mean = columns.mean(-1)
+            std = ((columns - mean.unsqueeze(-1)).square().sum(-1) / (columns.shape[-1] - 1)).sqrt()
             lo_grad = torch.maximum(lo_grad, mean - self.extent * std)
             hi_grad = torch.minimum(hi_grad, mean + self.extent * std)
         with torch.no_grad():
@@ -263,73 +267,89 @@ def _grid_coordinates(positions, origin, spacing, grid_shape, extent):
 
 
 def _cells(g: torch.Tensor, grid_shape, batch: int):
-    """The 8 flat indices (each (B*N,)) of each particle's cloud-in-cell corners, and the fractions
-    fx, fy, fz (B, N) of its position in the lower corner's cell."""
+    """The flat indices (8, B*N) of each particle's cloud-in-cell corners (corner 4 dx + 2 dy + dz from
+    the lower one) and the fractions f (3, B*N) of its position (x, y, z) in the lower corner's cell."""
     nx, ny, nz = grid_shape
     limit = torch.tensor(grid_shape, dtype=g.dtype, device=g.device) - 2
     lower = torch.minimum(torch.floor(g).clamp_min(0), limit)
-    fx, fy, fz = (g - lower).unbind(-1)
+    f = (g - lower).reshape(-1, 3).T.contiguous()
     cx, cy, cz = lower.long().unbind(-1)
     b = torch.arange(batch, device=g.device).unsqueeze(-1)
-    base = (((b * nx + cx) * ny + cy) * nz + cz).reshape(-1)
-    corners = [base + (dx * ny * nz + dy * nz + dz) for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)]
-    return corners, fx, fy, fz
+    base = (((b * nx + cx) * ny + cy) * nz + cz).reshape(1, -1)
+    offsets = torch.tensor([dx * ny * nz + dy * nz + dz for dx in (0, 1) for dy in (0, 1) for dz in (0, 1)],
+                           device=g.device).unsqueeze(-1)
+    return base + offsets, f
 
 
-def _corner_weights(fx, fy, fz):
-    """Cloud-in-cell weights of the 8 corners, in the order of `_cells`."""
-    out = []
-    for wx in (1 - fx, fx):
-        for wy in (1 - fy, fy):
-            wxy = wx * wy
-            out += [wxy * (1 - fz), wxy * fz]
+def _corner_weights(f: torch.Tensor) -> torch.Tensor:
+    """Cloud-in-cell weights (8, B*N) of the corners of `_cells`: products of (1 - f, f) along x, y, z."""
+    wx, wy, wz = (torch.stack((1 - fa, fa)) for fa in f)
+    return (wx[:, None, None] * wy[None, :, None] * wz[None, None, :]).reshape(8, -1)
+
+
+def _corner_values(tables: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Flat grid quantities `tables` (C, M) at each particle's 8 corners: (C, dx, dy, dz, B*N), one gather."""
+    return tables.index_select(1, corners.reshape(-1)).view(tables.shape[0], 2, 2, 2, -1)
+
+
+def _trilinear(v: torch.Tensor, f: torch.Tensor, derivatives: bool = False):
+    """Corner values v (C, 2, 2, 2, B*N) interpolated to the fractions f (3, B*N): (C, B*N), axis by
+    axis; with `derivatives`, also the derivatives with respect to (fx, fy, fz), each (C, B*N)."""
+    fx, fy, fz = f
+    a = torch.lerp(v[:, :, :, 0], v[:, :, :, 1], fz)  # (C, dx, dy, B*N)
+    b = torch.lerp(a[:, :, 0], a[:, :, 1], fy)  # (C, dx, B*N)
+    value = torch.lerp(b[:, 0], b[:, 1], fx)
+    if not derivatives:
+        return value
+    along_z = v[:, :, :, 1] - v[:, :, :, 0]
+    along_z = torch.lerp(along_z[:, :, 0], along_z[:, :, 1], fy)
+    along_y = a[:, :, 1] - a[:, :, 0]
+    return value, (b[:, 1] - b[:, 0], torch.lerp(along_y[:, 0], along_y[:, 1], fx),
+                   torch.lerp(along_z[:, 0], along_z[:, 1], fx))
+
+
+def _interpolate(tables: torch.Tensor, corners: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Flat grid quantities `tables` (C, M) interpolated (trilinear) to the particles: (C, B*N)."""
+    return _trilinear(_corner_values(tables, corners), f)
+
+
+def _deposit(corners, f, weight: float, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat cloud-in-cell grid (size,) of particles of charge `weight` in the cells of `_cells`."""
+    grid = like.new_zeros(size)
+    return grid.scatter_add_(0, corners.reshape(-1), (_corner_weights(f) * weight).reshape(-1))
+
+
+def _weighted_corner_sum(tables: torch.Tensor, corners: torch.Tensor, per_particle: torch.Tensor) -> torch.Tensor:
+    """sum_c per_particle[c] * tables[c] at each particle's corners (1, 2, 2, 2, B*N), per_particle (C, B*N):
+    interpolation is linear in the corner values, so the derivatives of this one sum are those of the
+    C interpolated tables weighted by per_particle (one derivative pass instead of C)."""
+    v = _corner_values(tables, corners)
+    total = v[0] * per_particle[0]
+    for channel, factor in zip(v[1:], per_particle[1:]):
+        total = total + channel * factor
+    return total.unsqueeze(0)
+
+
+def _position_gradient(corner_sum: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Gradient (3, B*N) with respect to the grid coordinates of a corner sum (1, 2, 2, 2, B*N) of
+    `_weighted_corner_sum`, interpolated."""
+    _, derivatives = _trilinear(corner_sum, f, derivatives=True)
+    return torch.cat(derivatives)
+
+
+def _scatter_tables(grad: torch.Tensor, corners: torch.Tensor, f: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gradient (C, M) with respect to flat tables `like` (C, M) interpolated to the particles, from the
+    gradient (C, B*N) of the interpolated values: the transpose of the gather, a cloud-in-cell deposit."""
+    weights, index = _corner_weights(f), corners.reshape(-1)
+    out = torch.zeros_like(like)
+    for table, channel in zip(out, grad):  # one channel at a time: contiguous (8, B*N) products
+        table.scatter_add_(0, index, (weights * channel).reshape(-1))
     return out
 
 
-def _interpolate(table: torch.Tensor, corners, fx, fy, fz, derivatives: bool = False):
-    """A flat grid quantity `table` interpolated to the particles (B, N) (trilinear, axis by axis) and,
-    with `derivatives`, its derivatives with respect to the fractions (d/dfx, d/dfy, d/dfz)."""
-    c = [table.index_select(0, index).view_as(fx) for index in corners]
-    dz = [c[1] - c[0], c[3] - c[2], c[5] - c[4], c[7] - c[6]]  # along z at the 4 (x, y) edges
-    a = [c[0] + fz * dz[0], c[2] + fz * dz[1], c[4] + fz * dz[2], c[6] + fz * dz[3]]
-    dy0, dy1 = a[1] - a[0], a[3] - a[2]
-    b0, b1 = a[0] + fy * dy0, a[2] + fy * dy1
-    value = b0 + fx * (b1 - b0)
-    if not derivatives:
-        return value
-    dz0, dz1 = dz[0] + fy * (dz[1] - dz[0]), dz[2] + fy * (dz[3] - dz[2])
-    return value, (b1 - b0, dy0 + fx * (dy1 - dy0), dz0 + fx * (dz1 - dz0))
-
-
-def _deposit(corners, fx, fy, fz, weight: float, size: int, like: torch.Tensor) -> torch.Tensor:
-    """Flat cloud-in-cell grid (size,) of particles of charge `weight` in the cells of `_cells`."""
-    grid = like.new_zeros(size)
-    for index, w in zip(corners, _corner_weights(fx, fy, fz)):
-        grid.scatter_add_(0, index, (w * weight).reshape(-1))
-    return grid
-
-
-def _deposit_backward(grad_flat, corners, fx, fy, fz, weight: float) -> torch.Tensor:
-    """Gradient (B, N, 3) with respect to grid coordinates of a deposit, from the flat grid gradient."""
-    _, derivatives = _interpolate(grad_flat, corners, fx, fy, fz, derivatives=True)
-    return torch.stack(derivatives, -1) * weight
-
-
-def _gather_backward(tables, grad, corners, fx, fy, fz, need_tables: bool, need_g: bool):
-    """Gradients with respect to the flat field tables (3, B*M) and to the grid coordinates (B, N, 3)
-    of `_interpolate` of each table, from the gradient (B, N, 3) of the gathered fields."""
-    grad_tables = grad_g = None
-    if need_tables:
-        grad_tables = torch.zeros_like(tables)
-        source = grad.reshape(-1, 3).T  # (3, B*N)
-        for index, w in zip(corners, _corner_weights(fx, fy, fz)):
-            grad_tables.scatter_add_(1, index.expand(3, -1), source * w.reshape(1, -1))
-    if need_g:
-        grad_g = 0
-        for k, table in enumerate(tables):
-            _, derivatives = _interpolate(table, corners, fx, fy, fz, derivatives=True)
-            grad_g = grad_g + torch.stack(derivatives, -1) * grad[..., k:k + 1]
-    return grad_tables, grad_g
+def _per_particle(flat: torch.Tensor, batch: int) -> torch.Tensor:
+    """(3, B*N) -> (B, N, 3) (a view)."""
+    return flat.T.reshape(batch, -1, 3)
 
 
 class _Deposit(torch.autograd.Function):
@@ -339,8 +359,8 @@ class _Deposit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, weight: float, grid_shape, batch: int):
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        grid = _deposit(corners, fx, fy, fz, weight, batch * math.prod(grid_shape), g)
+        corners, f = _cells(g, grid_shape, batch)
+        grid = _deposit(corners, f, weight, batch * math.prod(grid_shape), g)
         ctx.save_for_backward(g)
         ctx.meta = (weight, grid_shape, batch)
         return grid.view(batch, *grid_shape)
@@ -350,8 +370,9 @@ class _Deposit(torch.autograd.Function):
     def backward(ctx, grad):
         (g,) = ctx.saved_tensors
         weight, grid_shape, batch = ctx.meta
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        return _deposit_backward(grad.reshape(-1), corners, fx, fy, fz, weight), None, None, None
+        corners, f = _cells(g, grid_shape, batch)
+        corner_sum = _corner_values(grad.reshape(1, -1), corners) * weight
+        return _per_particle(_position_gradient(corner_sum, f), batch), None, None, None
 
 
 class _Gather(torch.autograd.Function):
@@ -361,21 +382,24 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fields, g):
         batch, grid_shape = fields.shape[0], tuple(fields.shape[2:])
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
+        corners, f = _cells(g, grid_shape, batch)
         tables = fields.transpose(0, 1).reshape(3, -1)
-        values = [_interpolate(table, corners, fx, fy, fz) for table in tables]
         ctx.save_for_backward(tables, g)
         ctx.meta = (batch, grid_shape)
-        return torch.stack(values, -1)
+        return _per_particle(_interpolate(tables, corners, f), batch)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         tables, g = ctx.saved_tensors
         batch, grid_shape = ctx.meta
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        grad_tables, grad_g = _gather_backward(tables, grad, corners, fx, fy, fz, *ctx.needs_input_grad)
-        grad_fields = None if grad_tables is None else grad_tables.view(3, batch, *grid_shape).transpose(0, 1)
+        corners, f = _cells(g, grid_shape, batch)
+        source = grad.reshape(-1, 3).T  # (3, B*N)
+        grad_fields = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_fields = _scatter_tables(source, corners, f, tables).view(3, batch, *grid_shape).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            grad_g = _per_particle(_position_gradient(_weighted_corner_sum(tables, corners, source), f), batch)
         return grad_fields, grad_g
 
 
@@ -389,13 +413,13 @@ class _LeanField(torch.autograd.Function):
     def forward(ctx, positions, origin, spacing, kernels, weight: float, grid_shape, extent):
         batch, cells = positions.shape[0], math.prod(grid_shape)
         g = _grid_coordinates(positions, origin, spacing, grid_shape, extent)
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        rho = _deposit(corners, fx, fy, fz, weight, batch * cells, g).view(batch, *grid_shape)
+        corners, f = _cells(g, grid_shape, batch)
+        rho = _deposit(corners, f, weight, batch * cells, g).view(batch, *grid_shape)
         rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)
         unique = list({id(k): k for k in kernels}.values())  # saved once each (they live in the cache)
         fields = _solve(rho, _stack(kernels), grid_shape)
         tables = fields.transpose(0, 1).reshape(3, -1)
-        values = torch.stack([_interpolate(table, corners, fx, fy, fz) for table in tables], -1)
+        values = _per_particle(_interpolate(tables, corners, f), batch)
         ctx.save_for_backward(positions, origin, spacing, tables, *unique)
         ctx.meta = (weight, grid_shape, extent, [next(i for i, u in enumerate(unique) if u is k) for k in kernels])
         return values
@@ -413,12 +437,14 @@ class _LeanField(torch.autograd.Function):
             inside = g.clamp_min(0)
             scale = scale * (g >= 0) * torch.where(inside == upper, 0.5, (inside < upper).to(g.dtype))
             g = torch.minimum(inside, upper)
-        corners, fx, fy, fz = _cells(g, grid_shape, batch)
-        grad_tables, grad_g = _gather_backward(tables, grad, corners, fx, fy, fz, True, True)
-        grad_fields = grad_tables.view(3, batch, *grid_shape).transpose(0, 1)
+        corners, f = _cells(g, grid_shape, batch)
+        source = grad.reshape(-1, 3).T  # (3, B*N)
+        grad_fields = _scatter_tables(source, corners, f, tables).view(3, batch, *grid_shape).transpose(0, 1)
         grad_rho = _solve_adjoint(grad_fields, _stack([unique[i] for i in which]), grid_shape)
         grad_rho = grad_rho / spacing.prod(-1).reshape(-1, 1, 1, 1)
-        grad_g = grad_g + _deposit_backward(grad_rho.reshape(-1), corners, fx, fy, fz, weight)
-        grad_positions = grad_g * scale  # g = (positions - origin) / spacing
+        # the gather's and the deposit's position gradients in one pass: both are corner sums
+        corner_sum = _weighted_corner_sum(tables, corners, source)
+        corner_sum = torch.add(corner_sum, _corner_values(grad_rho.reshape(1, -1), corners), alpha=weight)
+        grad_positions = _per_particle(_position_gradient(corner_sum, f), batch) * scale  # g = (positions - origin) / h
         grad_origin = -grad_positions.sum(-2) if ctx.needs_input_grad[1] else None
         return grad_positions, grad_origin, None, None, None, None, None
