@@ -95,7 +95,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    pic = step_time("configs/sc_quad_scan.yaml", options.steps)
+    # PIC at the surrogate config's particle count (the PIC config ships with more)
+    import yaml
+    n = yaml.safe_load(open(ROOT / "configs/sc_quad_scan_surrogate.yaml"))["model"]["generator"]["init_args"]["n_particles"]
+    pic = step_time("configs/sc_quad_scan.yaml", options.steps, [f"--model.generator.init_args.n_particles={n}"])
     surrogate = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps)
     linear = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, LINEAR)
     print(f"time per training step ({options.threads} threads): PIC {1e3 * pic:.0f} ms, surrogate {1e3 * surrogate:.0f} ms, "
