@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import sim
 from psr.cli import fit_cli
@@ -96,7 +97,6 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     # PIC at the surrogate config's particle count (the PIC config ships with more)
-    import yaml
     n = yaml.safe_load(open(ROOT / "configs/sc_quad_scan_surrogate.yaml"))["model"]["generator"]["init_args"]["n_particles"]
     pic = step_time("configs/sc_quad_scan.yaml", options.steps, [f"--model.generator.init_args.n_particles={n}"])
     surrogate = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps)

@@ -315,8 +315,8 @@ def _interpolate(tables: torch.Tensor, corners: torch.Tensor, f: torch.Tensor) -
 
 def _deposit(corners, f, weight: float, size: int, like: torch.Tensor) -> torch.Tensor:
     """Flat cloud-in-cell grid (size,) of particles of charge `weight` in the cells of `_cells`."""
-    grid = like.new_zeros(size)
-    return grid.scatter_add_(0, corners.reshape(-1), (_corner_weights(f) * weight).reshape(-1))
+    charges = f.new_full((1, f.shape[1]), weight)
+    return _scatter_tables(charges, corners, f, like.new_empty(1, size))[0]
 
 
 def _weighted_corner_sum(tables: torch.Tensor, corners: torch.Tensor, per_particle: torch.Tensor) -> torch.Tensor:
@@ -339,7 +339,8 @@ def _position_gradient(corner_sum: torch.Tensor, f: torch.Tensor) -> torch.Tenso
 
 def _scatter_tables(grad: torch.Tensor, corners: torch.Tensor, f: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Gradient (C, M) with respect to flat tables `like` (C, M) interpolated to the particles, from the
-    gradient (C, B*N) of the interpolated values: the transpose of the gather, a cloud-in-cell deposit."""
+    gradient (C, B*N) of the interpolated values: the transpose of the gather, a cloud-in-cell deposit
+    (`_deposit` is this with one channel of charges)."""
     weights, index = _corner_weights(f), corners.reshape(-1)
     out = torch.zeros_like(like)
     for table, channel in zip(out, grad):  # one channel at a time: contiguous (8, B*N) products

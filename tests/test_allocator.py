@@ -28,7 +28,10 @@ def faults_of_a_step(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_step_memory_is_reused_without_page_faults():
-    default, kept = faults_of_a_step("default"), faults_of_a_step("keep")
+    """glibc's default is bimodal here (a run faults the whole 320 MB in again, 74-78k faults, in about 2 of
+    3 runs, depending on its heap layout), so each of 3 runs with psr's settings must stay under 10 % of the
+    step's 78k pages: a no-op would fail this with probability ~96 %."""
+    default = [faults_of_a_step("default") for _ in range(3)]
+    kept = [faults_of_a_step("keep") for _ in range(3)]
     print(f"\nminor page faults of the third step: default allocator {default}, psr's settings {kept}")
-    assert default > 40_000  # 320 MB / 4 kB pages: all of it faulted in again
-    assert kept < 0.1 * default  # measured 3.9k vs 74k
+    assert max(kept) < 8_000, kept  # measured 0 / 0 / 3.9k (one tensor's pages at most)
