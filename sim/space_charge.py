@@ -39,6 +39,12 @@ class SpaceCharge:
     extent: None (default): the grid spans the bunch's bounding box. A number k: at most the mean
     +- k rms sizes in each direction (for bunches with far outliers, which would otherwise coarsen
     the grid); particles outside are deposited at and take their field from the nearest grid face.
+    compensate: True: the kernels' spectra are multiplied by prod_i (1 + sin^2(k_i h_i / 2)) (k_i the doubled
+    grid's wavenumbers, h_i the cell sizes), which undoes to second order in k h the smoothing of the
+    cloud-in-cell deposit and gather and the cell-integrated kernel; no cost per kick (the kernels are
+    cached). A Gaussian bunch's field in its core (within 2.5 rms) comes out 8.4 % weak on 16^3 cells
+    over +-3 rms and 3.8 % weak on 32^3 over the bounding box without it; 0.4 % weak and 0.1 % strong with it
+    (tests/test_space_charge_compensation.py). False (default): the shipped data were made without it.
     checkpoint: True (default): each kick keeps only the particles' positions and its field grid for
     the backward pass and recomputes the rest there (cloud-in-cell weights, charge grid, FFT buffers);
     and the lattice tracks an element's n slices in groups of ~sqrt(2 n) of which only the incoming
@@ -47,7 +53,7 @@ class SpaceCharge:
     """
 
     def __init__(self, grid_shape=(32, 32, 32), max_step: float = 0.05, extent: float | None = None,
-                 checkpoint: bool = True):
+                 checkpoint: bool = True, compensate: bool = False):
         grid_shape = tuple(int(n) for n in grid_shape)
         if len(grid_shape) != 3 or min(grid_shape) < 4:
             raise ValueError(f"SpaceCharge: grid_shape must be three integers >= 4, got {grid_shape}")
@@ -61,23 +67,28 @@ class SpaceCharge:
         if not isinstance(checkpoint, bool):
             raise ValueError(f"SpaceCharge: checkpoint must be true or false, got {checkpoint!r}")
         self.checkpoint = checkpoint
+        if not isinstance(compensate, bool):
+            raise ValueError(f"SpaceCharge: compensate must be true or false, got {compensate!r}")
+        self.compensate = compensate
         self._kernels: OrderedDict = OrderedDict()
 
     @classmethod
     def from_config(cls, config: dict | None, where: str = "space_charge") -> "SpaceCharge | None":
-        """From a config mapping {grid_shape, max_step, extent, checkpoint} (None: no space charge);
+        """From a config mapping {grid_shape, max_step, extent, checkpoint, compensate} (None: no space charge);
         `where` names the option in the error for an unknown key."""
         if config is None:
             return None
-        unknown = set(config) - {"grid_shape", "max_step", "extent", "checkpoint"}
+        unknown = set(config) - {"grid_shape", "max_step", "extent", "checkpoint", "compensate"}
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent, checkpoint")
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent, checkpoint, "
+                             "compensate")
         return cls(**config)
 
     def __repr__(self) -> str:
         extent = "" if self.extent is None else f", extent={self.extent}"
         checkpoint = "" if self.checkpoint else ", checkpoint=False"
-        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent}{checkpoint})"
+        compensate = ", compensate=True" if self.compensate else ""
+        return f"SpaceCharge(grid_shape={self.grid_shape}, max_step={self.max_step}{extent}{checkpoint}{compensate})"
 
     def kick(self, particles: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
         """Particles (..., N, 6) after the space-charge kick of a step of `length` [m] (a number or a
@@ -143,7 +154,7 @@ class SpaceCharge:
             if full_key in self._kernels:
                 self._kernels.move_to_end(full_key)
             else:
-                kernel = integrated_green_ffts(self.grid_shape, h.tolist(), like)
+                kernel = integrated_green_ffts(self.grid_shape, h.tolist(), like, self.compensate)
                 self._kernels[full_key] = kernel
                 while len(self._kernels) > 1 and len(self._kernels) * _nbytes(kernel) > _KERNEL_CACHE_BYTES:
                     self._kernels.popitem(last=False)
@@ -184,11 +195,12 @@ def _field_antiderivative(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> 
     return -(b * log_plus(c, a * a + b * b) + c * log_plus(b, a * a + c * c) - a * torch.atan(b * c / (a * r)))
 
 
-def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tensor:
+def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor, compensate: bool = False) -> torch.Tensor:
     """FFTs of the field Green's functions on the doubled grid, each integrated over a source cell of
     `spacing` (hx, hy, hz) [m] (units: m; times rho [C/m^3] / (4 pi eps0) = V/m), divided by i (they
     are purely imaginary): real, and only frequencies 0..n of x and y, (3, nx + 1, ny + 1, nz + 1)
-    (`_unfold_kernel` gives the (3, 2nx, 2ny, nz + 1) spectra). Float64 inside, `like`'s dtype out."""
+    (`_unfold_kernel` gives the (3, 2nx, 2ny, nz + 1) spectra). Float64 inside, `like`'s dtype out.
+    compensate: times the filter of `SpaceCharge`'s `compensate` (`smoothing_compensation`)."""
     axes = []
     for n, h in zip(grid_shape, spacing):
         offsets = torch.arange(-n, n + 1, dtype=torch.float64, device=like.device)  # corner k - 1/2, k = -n..n
@@ -208,7 +220,19 @@ def integrated_green_ffts(grid_shape, spacing, like: torch.Tensor) -> torch.Tens
     hat = torch.fft.rfftn(g, dim=(1, 2, 3)).imag
     nx, ny = grid_shape[:2]
     half = hat[:, : nx + 1, : ny + 1]  # the rest follows by symmetry (`_unfold_kernel`)
+    if compensate:
+        half = half * smoothing_compensation(grid_shape, like.device)
     return half.to(torch.float32 if like.dtype != torch.float64 else torch.float64).contiguous()
+
+
+def smoothing_compensation(grid_shape, device) -> torch.Tensor:
+    """The filter (nx + 1, ny + 1, nz + 1) prod_i (1 + sin^2(k_i h_i / 2)) at the kept frequencies m_i = 0..n_i of
+    the doubled grid (k_i h_i = pi m_i / n_i): the inverse, to second order in k h, of the spectrum
+    1 - (k h)^2 / 4 per axis of cloud-in-cell deposit, cell-integrated kernel and cloud-in-cell gather together
+    (fitted: the factor 1 makes a Gaussian bunch's core field right within 0.5 % from 16 to 32 cells)."""
+    factors = [1 + torch.sin(math.pi * torch.arange(n + 1, dtype=torch.float64, device=device) / (2 * n)) ** 2
+               for n in grid_shape]
+    return factors[0].view(-1, 1, 1) * factors[1].view(1, -1, 1) * factors[2].view(1, 1, -1)
 
 
 def _unfold_kernel(half: torch.Tensor) -> torch.Tensor:
