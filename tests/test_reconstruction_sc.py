@@ -16,7 +16,7 @@ from psr.data.synthetic import SyntheticBeam
 
 SHIPPED = yaml.safe_load(open("data/sc_quad_scan.simulate.yaml"))
 TRUTH = SyntheticBeam(**SHIPPED["beam"]["init_args"])
-SPACE_CHARGE = {"grid_shape": [16, 16, 16], "max_step": 0.25}
+SPACE_CHARGE = {"grid_shape": [16, 16, 16], "max_step": 0.25, "compensate": True}  # as the shipped config
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,16 @@ SURROGATE_REFERENCE = sim.SpaceCharge(grid_shape=[32, 32, 32], max_step=0.1, che
 
 def reference_space_charge(model: sim.SpaceCharge) -> sim.SpaceCharge:
     """The finer reference of a fit's space-charge model: twice the cells per axis (at most 64), 0.4 of its
-    step, over the bunch's bounding box (no extent: far particles keep their own field)."""
+    step, over the bunch's bounding box (no extent: far particles keep their own field), with the model's
+    smoothing compensation (`compensate`: else the reference's own smoothing, not the model's error, is measured)."""
     return sim.SpaceCharge(grid_shape=[min(2 * n, MAX_REFERENCE_CELLS) for n in model.grid_shape],
-                           max_step=0.4 * model.max_step, checkpoint=False)
+                           max_step=0.4 * model.max_step, checkpoint=False, compensate=model.compensate)
 
 
 def reference_info(space_charge: sim.SpaceCharge) -> dict:
     """The reference's settings as the checks record them."""
-    return {"grid_shape": list(space_charge.grid_shape), "max_step": space_charge.max_step}
+    return {"grid_shape": list(space_charge.grid_shape), "max_step": space_charge.max_step,
+            "compensate": space_charge.compensate}
 
 
 def emittance_plane(key: str) -> str:
@@ -114,7 +116,8 @@ def space_charge_check(lattice: sim.Lattice, settings: dict[str, torch.Tensor], 
 def describe(check: dict) -> str:
     """One line for the end-of-fit report."""
     grid = "x".join(str(n) for n in check["reference"]["grid_shape"])
-    return (f"space-charge model check: a finer model ({grid} cells, {check['reference']['max_step']:g} m steps) changes "
+    compensated = ", compensated" if check["reference"].get("compensate") else ""
+    return (f"space-charge model check: a finer model ({grid} cells, {check['reference']['max_step']:g} m steps{compensated}) changes "
             f"the rms sizes at {check['screen']} by up to {100 * check['size_change']['x']:.2g} % (x), "
             f"{100 * check['size_change']['y']:.2g} % (y); the fit's emittances are then off by about "
             f"{100 * check['x']:+.2f} % (x), {100 * check['y']:+.2f} % (y) (emittances.json: space_charge_check)")
