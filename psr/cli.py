@@ -80,6 +80,7 @@ class PsrCLI(LightningCLI):
 
         from psr.data.atomic import remove_stale_temporaries
         from psr.training.resume import read_metrics_rows, restore_metrics
+        from psr.training.run_folder import reserve_run_folder
 
         self._fit_started = time.perf_counter()
         scan = getattr(self, "_checked_scan", None)
@@ -88,6 +89,8 @@ class PsrCLI(LightningCLI):
                 self.datamodule.load(scan)
             if self.model.lattice is None:
                 self.model.configure_scan(scan)
+        if self.trainer.is_global_zero:
+            reserve_run_folder(self.trainer.logger)
         run_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero or run_dir is None:
             return
@@ -192,6 +195,10 @@ class SurrogateCLI(LightningCLI):
     def before_fit(self):
         self.datamodule.setup("fit")  # the pairs file is checked, and the element built, before the run folder
         self.model.configure_pairs(self.datamodule.pairs)
+        if self.trainer.is_global_zero:
+            from psr.training.run_folder import reserve_run_folder
+
+            reserve_run_folder(self.trainer.logger)
 
     def after_fit(self):
         from psr.outputs.surrogate_report import format_surrogate, write_surrogate_report

@@ -138,6 +138,10 @@ def test_a_fit_reports_its_model_check(tmp_path):
     surrogate.configure_scan(scan)
     kind, check = model_check(surrogate, scan, {})
     assert kind == "surrogate_check" and check["reference"]["grid_shape"] == [32, 32, 32]
+    assert check["reference"]["compensate"] is True  # as the shipped pairs and the example's data
+    from psr.outputs.space_charge_check import describe_surrogate
+
+    assert "32x32x32 cells, 0.1 m steps, compensated)" in describe_surrogate(check)
     assert max(check["size_change"].values()) > 0.05 and check["corrected"] == {}
     pic = PhaseSpaceReconstruction(MLPBeamGenerator(**generator), space_charge={"grid_shape": [8, 8, 8], "max_step": 0.5})
     pic.configure_scan(scan)

@@ -28,7 +28,7 @@ import sim
 PLANES = {"x": (0, 1), "y": (2, 3)}
 MAX_REFERENCE_CELLS = 64  # per axis: a finer reference grid costs 8x the memory per doubling
 # a surrogate fit's reference: PIC at the settings the shipped surrogate's pairs were made with
-SURROGATE_REFERENCE = sim.SpaceCharge(grid_shape=[32, 32, 32], max_step=0.1, checkpoint=False)
+SURROGATE_REFERENCE = sim.SpaceCharge(grid_shape=[32, 32, 32], max_step=0.1, checkpoint=False, compensate=True)
 
 
 def reference_space_charge(model: sim.SpaceCharge) -> sim.SpaceCharge:
@@ -126,8 +126,9 @@ def describe(check: dict) -> str:
 def describe_surrogate(check: dict) -> str:
     """One line for the end-of-fit report of a fit with neural elements in place of space-charge sections."""
     grid = "x".join(str(n) for n in check["reference"]["grid_shape"])
+    compensated = ", compensated" if check["reference"].get("compensate") else ""
     return (f"surrogate check: the fitted beam through the scan's own lattice with PIC space charge ({grid} cells, "
-            f"{check['reference']['max_step']:g} m steps) instead of the neural elements has rms sizes at {check['screen']} "
+            f"{check['reference']['max_step']:g} m steps{compensated}) instead of the neural elements has rms sizes at {check['screen']} "
             f"up to {100 * check['size_change']['x']:.2g} % (x), {100 * check['size_change']['y']:.2g} % (y) different; "
             f"a rough linear estimate puts the emittances off by {100 * check['x']:+.1f} % (x), {100 * check['y']:+.1f} % (y) "
             "(emittances.json: surrogate_check)")
