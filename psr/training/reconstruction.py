@@ -16,6 +16,7 @@ from psr.training.calibration import Calibration
 from psr.training.replace import replace_sections
 from psr.training.moments import moment_mismatch
 from psr.training.prior import derive_auto_prior
+from psr.training.warm_start import load_generator_weights
 
 LOSSES = ("l1", "mse")
 
@@ -99,6 +100,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     their spread shows what the data leave undetermined). replace: sections of the scan's lattice tracked by
     neural elements instead (`psr.training.replace`), e.g. [{elements: [Q1, D1], element: {type: SectionMap,
     name: SC, inputs: [Q1.k1], weights: data/sc_section.pt}}]: a surrogate of their space charge.
+    init_from: a checkpoint (.ckpt) or run folder of an earlier fit whose generator weights this fit starts from
+    (`psr.training.warm_start`; same generator, any particle count; not its optimizer, schedule or calibration).
     """
 
     def __init__(self, generator: nn.Module, lr: float = 1e-2, lr_final_fraction: float = 0.01,
@@ -107,7 +110,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
                  moment_kurtosis: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
                  calibration_prior_weight: float = 0.01, calibration_start: str = "init",
-                 replace: list[dict] | None = None):
+                 replace: list[dict] | None = None, init_from: str | None = None):
         super().__init__()
         if calibrate is not None and not isinstance(calibrate, dict):
             raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
@@ -153,6 +156,12 @@ class PhaseSpaceReconstruction(L.LightningModule):
                                  f"{getattr(generator, 'n_dim', None)}")
             prior.requires_grad_(False)
         self.save_hyperparameters(ignore=["generator", "prior"])
+        if init_from is not None and self.auto_prior:
+            raise ValueError("model.init_from with model.prior auto: deriving the prior resets the generator's normalization "
+                             "(the warm start's); give model.prior as a module, or start without model.init_from")
+        if init_from is not None:  # a warm start: the generator's weights of an earlier fit (not its optimizer)
+            source, kept = load_generator_weights(generator, init_from)
+            print(f"generator starts from {source}" + (f" ({', '.join(kept)} as initialized: not in it)" if kept else ""))
         self.generator = generator
         self.prior = prior
         self.calibration = Calibration(calibrate, calibration_prior_weight, calibration_start)
