@@ -56,6 +56,9 @@ class PsrCLI(LightningCLI):
         from psr.training.resume import resolve_last
 
         self._resume_note = resolve_last(self.config[self.subcommand]) if self.subcommand == "fit" else None
+        fit_config = self.config[self.subcommand] if self.subcommand == "fit" else {}
+        if fit_config.get("ckpt_path") and fit_config.get("model.init_from"):
+            fit_config["model.init_from"] = None  # resuming: the checkpoint holds the generator (and the source may be gone)
         if self._resume_note:  # continuing in the run's own folder (metrics.csv is kept: before_fit)
             for message in (".*exists and is not empty.*", ".*dataloader is not resumable.*"):
                 warnings.filterwarnings("ignore", message)  # every batch of an epoch is the same whole scan

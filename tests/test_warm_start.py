@@ -61,3 +61,24 @@ def test_a_bad_warm_start_is_one_line_and_no_run_folder(earlier_fit, tmp_path, c
     expected = {"missing": "no checkpoint", "not_a_checkpoint": "is not a checkpoint", "other_width": "has shape",
                 "auto_prior": "model.prior auto"}[case]
     assert expected in err, err
+
+
+def test_a_warm_started_run_loads_and_resumes_without_its_source(earlier_fit, tmp_path):
+    """psr predict (load_trained) and --ckpt_path last take the generator from the run's own checkpoint: the
+    warm start's source is not read again, so it may be gone."""
+    import shutil
+
+    from psr.training.trained import load_trained
+
+    source = shutil.copytree(earlier_fit, tmp_path / "source")
+    runs = tmp_path / "runs"
+    fit_cli(["fit", *FIT, "--data.steps_per_epoch=5", f"--trainer.logger.init_args.save_dir={runs}",
+             "--model.init_from", str(source)])
+    shutil.rmtree(source)
+    run = runs / "quad_scan_4d" / "version_0"
+    model, _ = load_trained(run)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, saved[f"generator.{k}"]) for k, v in model.generator.state_dict().items())
+    cli = fit_cli(["fit", *FIT, "--data.steps_per_epoch=5", "--trainer.max_epochs=2",
+                   f"--trainer.logger.init_args.save_dir={runs}", "--model.init_from", str(source), "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 10 and cli.trainer.log_dir == str(run)

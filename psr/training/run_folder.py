@@ -1,4 +1,4 @@
-"""Run folders that two fits started at once cannot share."""
+"""Run folders: one for each fit, even for fits started at once; the checkpoint a run folder holds."""
 
 import re
 from pathlib import Path
@@ -23,3 +23,15 @@ def reserve_run_folder(logger) -> None:
         except FileExistsError:
             version += 1
     logger._version = version
+
+
+def find_checkpoint(run: Path) -> Path:
+    """checkpoints/last.ckpt of a run folder, else its newest checkpoint; a ValueError when it has none."""
+    folder = run / "checkpoints"
+    last = folder / "last.ckpt"
+    if last.is_file():
+        return last
+    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not found:
+        raise ValueError(f"run folder {run}: holds no trained model (no checkpoint in {folder})")
+    return found[-1]

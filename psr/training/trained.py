@@ -6,18 +6,7 @@ import torch
 import yaml
 
 from psr.training.reconstruction import PhaseSpaceReconstruction
-
-
-def find_checkpoint(run: Path) -> Path:
-    """checkpoints/last.ckpt of a run folder, else its newest checkpoint; a ValueError when it has none."""
-    folder = run / "checkpoints"
-    last = folder / "last.ckpt"
-    if last.is_file():
-        return last
-    found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if not found:
-        raise ValueError(f"run folder {run}: holds no trained model (no checkpoint in {folder})")
-    return found[-1]
+from psr.training.run_folder import find_checkpoint
 
 
 def load_trained(run_dir) -> tuple[PhaseSpaceReconstruction, Path]:
@@ -43,6 +32,7 @@ def load_trained(run_dir) -> tuple[PhaseSpaceReconstruction, Path]:
     config = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(config.get("model"), dict):
         raise ValueError(f"{config_path}: has no model section")
+    config["model"].pop("init_from", None)  # a warm start's source: the run's own checkpoint replaces it
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(PhaseSpaceReconstruction, "model")
     try:
