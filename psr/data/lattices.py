@@ -4,16 +4,21 @@ A neural element's `weights` file is relative to the folder of the file that hol
 file, or a scan or pairs file).
 """
 
+import functools
 import os
 from pathlib import Path
 
 import sim
+from models.corrected import CorrectedSection
 from models.elements import NEURAL_ELEMENT_TYPES, element_types
 
 
 def build_lattice(items: list[dict], base_dir=None, space_charge=None) -> sim.Lattice:
-    """`sim.Lattice.from_list` that also knows the neural element types (weights relative to base_dir)."""
-    return sim.Lattice.from_list(items, space_charge=space_charge, element_types=element_types(base_dir))
+    """`sim.Lattice.from_list` that also knows the neural element types (weights relative to base_dir) and
+    `CorrectedSection` (a surrogate corrected by its physics, `model.replace`'s `correct`)."""
+    types = {**element_types(base_dir),
+             "CorrectedSection": functools.partial(CorrectedSection, base_dir=None if base_dir is None else str(base_dir))}
+    return sim.Lattice.from_list(items, space_charge=space_charge, element_types=types)
 
 
 def rebase_weights(items: list[dict], from_dir, to_dir) -> list[dict]:

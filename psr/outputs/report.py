@@ -119,6 +119,8 @@ def model_check(model, scan, rows: dict) -> tuple[str, dict] | None:
         kind = "surrogate_check"
         if check:
             check = {"reference": reference_info(SURROGATE_REFERENCE), **check}
+            if any(hasattr(element, "track_reference") for element in model.lattice.elements):
+                check["model"] = "corrected surrogate: its PIC"  # outside training a CorrectedSection tracks by its PIC
     else:
         check, kind = space_charge_check(model.lattice, values, beam), "space_charge_check"
     if not check:

@@ -128,7 +128,8 @@ def describe_surrogate(check: dict) -> str:
     grid = "x".join(str(n) for n in check["reference"]["grid_shape"])
     compensated = ", compensated" if check["reference"].get("compensate") else ""
     return (f"surrogate check: the fitted beam through the scan's own lattice with PIC space charge ({grid} cells, "
-            f"{check['reference']['max_step']:g} m steps{compensated}) instead of the neural elements has rms sizes at {check['screen']} "
+            f"{check['reference']['max_step']:g} m steps{compensated}) instead of the "
+            f"{'PIC of the corrected surrogate' if check.get('model') else 'neural elements'} has rms sizes at {check['screen']} "
             f"up to {100 * check['size_change']['x']:.2g} % (x), {100 * check['size_change']['y']:.2g} % (y) different; "
             f"a rough linear estimate puts the emittances off by {100 * check['x']:+.1f} % (x), {100 * check['y']:+.1f} % (y) "
             "(emittances.json: surrogate_check)")

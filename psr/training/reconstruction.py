@@ -99,7 +99,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     start at init + step * N(0, 1) (a draw of the prior where it has one; `psr ensemble` members do, so
     their spread shows what the data leave undetermined). replace: sections of the scan's lattice tracked by
     neural elements instead (`psr.training.replace`), e.g. [{elements: [Q1, D1], element: {type: SectionMap,
-    name: SC, inputs: [Q1.k1], weights: data/sc_section.pt}}]: a surrogate of their space charge.
+    name: SC, inputs: [Q1.k1], weights: data/sc_section.pt}}]: a surrogate of their space charge; an entry's
+    `correct: {every: 20, space_charge: {...}}` corrects it by PIC every 20 steps (`models.corrected`).
     init_from: a checkpoint (.ckpt) or run folder of an earlier fit whose generator weights this fit starts from
     (`psr.training.warm_start`; same generator, any particle count; not its optimizer, schedule or calibration).
     """

@@ -6,11 +6,17 @@ replaces the consecutive elements named (in lattice order) by the neural element
 those elements' entries (its weights file must have been trained for exactly them). Scan settings of the
 replaced elements go to the element's settings ("Q1.k1" -> "SC.Q1_k1"). Weights paths are relative to
 the working folder, as other paths of a config.
+
+An entry may add `correct: {every: k, space_charge: {grid_shape, max_step, extent, compensate}}` (a SectionMap of a
+charged bunch): the section is then a `models.corrected.CorrectedSection`, the surrogate shifted particle by
+particle onto the section's own PIC tracking, taken on the beam of every k-th training step; a fit then lands
+where PIC fits the images at about the surrogate's cost per step.
 """
 
 import math
 from pathlib import Path
 
+import sim
 from models.elements import NEURAL_ELEMENT_TYPES, read_spec, section_setting_key
 
 
@@ -21,9 +27,9 @@ def replace_sections(items: list[dict], replace: list[dict] | None, setting_name
     routes = {}
     for index, entry in enumerate(replace or []):
         where = f"model.replace[{index}]"
-        if not isinstance(entry, dict) or set(entry) != {"elements", "element"}:
-            raise ValueError(f"{where} must be {{elements: [<names>], element: {{type: ..., name: ..., weights: ...}}}}, "
-                             f"got {entry!r}")
+        if not isinstance(entry, dict) or not {"elements", "element"} <= set(entry) <= {"elements", "element", "correct"}:
+            raise ValueError(f"{where} must be {{elements: [<names>], element: {{type: ..., name: ..., weights: ...}}, "
+                             f"correct: (optional) {{every: <steps>, space_charge: {{...}}}}}}, got {entry!r}")
         names, element = list(entry["elements"] or []), dict(entry["element"] or {})
         present = [item.get("name") for item in items]
         missing = [n for n in names if n not in present]
@@ -67,5 +73,28 @@ def replace_sections(items: list[dict], replace: list[dict] | None, setting_name
                     raise ValueError(f"{where}: the scan sets {setting}, but the {element['type']} {element['name']} "
                                      f"does not take it (its inputs: {inputs})")
                 routes[setting] = f"{element['name']}.{keys.get(setting, setting.rpartition('.')[2])}"
+        if entry.get("correct") is not None:
+            element = corrected_entry(element, section, entry["correct"], charge, f"{where}.correct")
         items = items[:first] + [element] + items[first + len(names):]
     return items, routes
+
+
+def corrected_entry(element: dict, section: list[dict], correct, charge: float | None, where: str) -> dict:
+    """The lattice entry of a `models.corrected.CorrectedSection`: the SectionMap `element` corrected every
+    `correct["every"]` training steps by the replaced `section` tracked with PIC space charge `correct["space_charge"]`."""
+    if not isinstance(correct, dict) or set(correct) != {"every", "space_charge"}:
+        raise ValueError(f"{where} must be {{every: <training steps between corrections>, space_charge: {{grid_shape: "
+                         f"..., max_step: ..., extent: ..., compensate: ...}}}}, got {correct!r}")
+    if element["type"] != "SectionMap":
+        raise ValueError(f"{where}: only a SectionMap is corrected, not a {element['type']}")
+    if not charge:
+        raise ValueError(f"{where}: the scan's bunch charge is 0: there is no space charge to correct with")
+    every = correct["every"]
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise ValueError(f"{where}.every must be a whole number of training steps >= 1, got {every!r}")
+    space_charge = correct["space_charge"]
+    if not isinstance(space_charge, dict):
+        raise ValueError(f"{where}.space_charge must be a PIC config {{grid_shape, max_step, ...}}, got {space_charge!r}")
+    sim.SpaceCharge.from_config(space_charge, f"{where}.space_charge")  # checks it now
+    return {"type": "CorrectedSection", "name": element["name"], "surrogate": element, "section": section,
+            "space_charge": dict(space_charge), "charge": abs(float(charge)), "every": every}
