@@ -1,6 +1,7 @@
 """A surrogate corrected by PIC now and then (models.corrected.CorrectedSection, model.replace's `correct`)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import yaml
 
 import sim
 from models.corrected import CorrectedSection
-from psr.cli import fit_cli
+from psr.cli import fit_cli, main
 from psr.data.simulate import simulate
 from psr.data.synthetic import SyntheticBeam
 from psr.training.replace import replace_sections
@@ -91,3 +92,17 @@ def test_a_surrogate_without_space_charge_corrected_by_pic_fits_as_pic_does(scan
         # the end-of-fit check tracks the section with its PIC (outside training): the 16^3 model's own small error
         assert abs(rows["surrogate_check"]["size_change"][plane]) < 0.05
     assert rows["surrogate_check"]["model"] == "corrected surrogate: its PIC"
+
+
+def test_a_bad_correct_ends_the_fit_with_one_line(scan_sc, tmp_path, capsys):
+    for correct, message in [({"every": 0, "space_charge": PIC}, "correct.every must be a whole number of training steps"),
+                             ({"every": 5, "space_charge": {**PIC, "grid": 8}}, r"correct.space_charge: unknown key")]:
+        replace = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC", "inputs": ["Q1.k1"],
+                                                          "reference_rms": RMS, "hidden_layers": 0}, "correct": correct}]
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", "configs/sc_quad_scan.yaml", f"--data.path={scan_sc}", "--model.space_charge=null",
+                  f"--model.replace={json.dumps(replace)}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and "model.replace[0].correct" in lines[0], lines
+        assert re.search(message, lines[0]), lines
+        assert not list(tmp_path.rglob("version_*"))
