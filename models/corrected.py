@@ -11,7 +11,7 @@ surrogate's; the forward model is the reference's exactly at each refresh and, b
 surrogate's error in how the output *changes* with the beam, which vanishes as the fit converges. So a fit
 converges where the reference physics fits the images, not where the surrogate is wrong, at the cost of one
 reference pass without gradient every `every` steps. It needs the same particles step after step (a generator
-with fixed base samples, as `models.MLPBeamGenerator`). Outside training (validation, reports, `psr predict`)
+with fixed base samples, as `models.MLPBeamGenerator`; `psr fit` refuses one that resamples). Outside training (validation, reports, `psr predict`)
 the section is tracked by its reference physics.
 """
 

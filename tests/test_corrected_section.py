@@ -50,6 +50,14 @@ def test_corrected_section_is_the_reference_at_each_refresh_and_moves_with_the_s
 
 
 def test_correct_is_checked():
+    from models import ConditionalMLPBeam, NormalizingFlowBeam
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+
+    entry = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC"},
+              "correct": {"every": 5, "space_charge": PIC}}]
+    with pytest.raises(ValueError, match=r"replace\[0\].correct .* same particles every step .*ConditionalMLPBeam with resample"):
+        PhaseSpaceReconstruction(ConditionalMLPBeam(n_particles=100, resample=True), replace=entry)
+    PhaseSpaceReconstruction(NormalizingFlowBeam(n_particles=100, n_dim=4), replace=entry)  # fixed base samples: accepted
     items = [dict(e) for e in SECTION] + [{"type": "Screen", "name": "YAG", "resolution": [8, 8], "pixel_size": [1e-4, 1e-4]}]
     entry = {"elements": ["Q1", "D1"], "element": {k: v for k, v in FIRST_ORDER.items() if k != "section"}}
     replaced, routes = replace_sections(items, [{**entry, "correct": {"every": 5, "space_charge": PIC}}], ["Q1.k1"], 1e-11)

@@ -156,6 +156,12 @@ class PhaseSpaceReconstruction(L.LightningModule):
                 raise ValueError(f"model.prior has n_dim {getattr(prior, 'n_dim', None)}, the generator "
                                  f"{getattr(generator, 'n_dim', None)}")
             prior.requires_grad_(False)
+        corrected = [i for i, entry in enumerate(replace or []) if isinstance(entry, dict) and entry.get("correct") is not None]
+        if corrected and (not hasattr(generator, "base_samples") or getattr(generator, "resample", False)):
+            raise ValueError(f"model.replace[{corrected[0]}].correct holds a correction per particle from one step to the "
+                             f"next: it needs a generator that gives the same particles every step (fixed base samples, "
+                             f"as models.MLPBeamGenerator), not {type(generator).__name__}"
+                             + (" with resample" if getattr(generator, "resample", False) else ""))
         self.save_hyperparameters(ignore=["generator", "prior"])
         if init_from is not None and self.auto_prior:
             raise ValueError("model.init_from with model.prior auto: deriving the prior resets the generator's normalization "
