@@ -1,4 +1,5 @@
-"""A surrogate corrected by PIC now and then (models.corrected.CorrectedSection, model.replace's `correct`)."""
+"""A surrogate corrected by PIC now and then (models.corrected.CorrectedSection, model.replace's `correct`), and
+PIC kicks held between refreshes (models.lagged.LaggedSpaceCharge, model.space_charge_every)."""
 
 import json
 import re
@@ -113,4 +114,64 @@ def test_a_bad_correct_ends_the_fit_with_one_line(scan_sc, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(lines) == 1 and "model.replace[0].correct" in lines[0], lines
         assert re.search(message, lines[0]), lines
+        assert not list(tmp_path.rglob("version_*"))
+
+
+def test_lagged_kicks_are_pic_at_each_refresh_and_held_per_particle_between():
+    """models.lagged.LaggedSpaceCharge: PIC's kick at a refresh step, that kick again (per particle) until the next,
+    no gradient through it, PIC outside a training step."""
+    from models.lagged import LaggedSpaceCharge
+
+    pic = sim.SpaceCharge(**PIC)
+    lagged = LaggedSpaceCharge.lagging(pic, every=3)
+    x = torch.randn(4000, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * torch.tensor(RMS).double()
+    kick = lambda sc, p: sc.kick(p, 5e6, "electron", 1e-11, 0.25)  # noqa: E731
+    reference = kick(pic, x)
+    assert (reference - x)[..., 1].abs().max() > 0  # the kick is there: the test can fail
+    lagged.start_step()  # a refresh step
+    out = kick(lagged, x.clone().requires_grad_())
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-18)
+    x_grad = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(kick(lagged, x_grad)[..., 1].sum(), x_grad)  # a second call in the step: PIC too
+    torch.testing.assert_close(gradient[..., 1], torch.ones(4000, dtype=torch.float64))  # identity: no graph through it
+    assert gradient[..., [0, 2, 3, 4, 5]].abs().max() == 0
+    lagged.end_step()
+    x2 = 1.2 * x
+    for _ in range(2):  # steps 2 and 3: the first call's kick held
+        lagged.start_step()
+        torch.testing.assert_close(kick(lagged, x2), x2 + (reference - x), rtol=1e-12, atol=1e-18)
+        lagged.end_step()
+        assert not torch.allclose(kick(lagged, x2), x2 + (reference - x))  # outside a step: PIC of x2
+    lagged.start_step()  # step 4: a refresh
+    torch.testing.assert_close(kick(lagged, x2), kick(pic, x2), rtol=1e-12, atol=1e-18)
+    with pytest.raises(ValueError, match="every must be a whole number"):
+        LaggedSpaceCharge(0, **PIC)
+
+
+def test_space_charge_every_lands_where_pic_does(scan_sc, tmp_path):
+    """The sc fit with kicks refreshed every 5 steps lands within 8 % (as PIC in every step)."""
+    cli = fit_cli(args=[
+        "fit", "--config", "configs/sc_quad_scan.yaml", f"--data.path={scan_sc}", "--data.steps_per_epoch=40",
+        "--trainer.max_epochs=7", "--model.generator.init_args.n_particles=4000", f"--model.space_charge={json.dumps(PIC)}",
+        "--model.space_charge_every=5", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    rows = json.loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
+    print(json.dumps(rows, indent=1))
+    for plane in ("x", "y"):
+        assert abs(rows[f"norm_emit_{plane}"]["relative_error"]) < 0.08, rows
+
+
+def test_a_bad_space_charge_every_ends_the_fit_with_one_line(scan_sc, tmp_path, capsys):
+    from models import ConditionalMLPBeam
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+
+    with pytest.raises(ValueError, match=r"space_charge_every 5 holds a correction per particle .* with resample"):
+        PhaseSpaceReconstruction(ConditionalMLPBeam(n_particles=100, resample=True), space_charge=PIC, space_charge_every=5)
+    for extra, message in [(["--model.space_charge_every=0"], "model.space_charge_every must be a whole number"),
+                           (["--model.space_charge_every=5", "--model.space_charge=null"],
+                            "model.space_charge_every is 5, but model.space_charge is null")]:
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", "configs/sc_quad_scan.yaml", f"--data.path={scan_sc}", *extra,
+                  f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and re.search(message, lines[0]), lines
         assert not list(tmp_path.rglob("version_*"))

@@ -10,6 +10,7 @@ from torch import nn
 
 import sim
 from models import GaussianBeam, as_particles
+from models.lagged import LaggedSpaceCharge
 from psr.data.lattices import build_lattice
 from psr.training.alignment import centre_on, centred_screens
 from psr.training.calibration import Calibration
@@ -75,7 +76,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
     (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
-    tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off.
+    tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off. space_charge_every:
+    k > 1 computes the kicks every k-th training step and holds each particle's kicks in between
+    (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it; needs
+    a generator with fixed base samples); 1: every step.
 
     Maximum entropy (MENT-Flow's penalty method, Hoover & Wong, Phys. Rev. Research 6, 033163 (2024)):
     with `entropy_penalty` = mu (> 0) the objective is -H[rho, prior] + mu * D, D the image mismatch
@@ -111,7 +115,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
                  moment_kurtosis: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
                  calibration_prior_weight: float = 0.01, calibration_start: str = "init",
-                 replace: list[dict] | None = None, init_from: str | None = None):
+                 replace: list[dict] | None = None, init_from: str | None = None, space_charge_every: int = 1):
         super().__init__()
         if calibrate is not None and not isinstance(calibrate, dict):
             raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
@@ -134,6 +138,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if not 0 < lr_final_fraction <= 1:
             raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
         sim.SpaceCharge.from_config(space_charge, "model.space_charge")  # checks the settings now
+        if not (isinstance(space_charge_every, int) and not isinstance(space_charge_every, bool) and space_charge_every >= 1):
+            raise ValueError(f"model.space_charge_every must be a whole number of training steps >= 1, got {space_charge_every!r}")
+        if space_charge_every > 1 and space_charge is None:
+            raise ValueError(f"model.space_charge_every is {space_charge_every}, but model.space_charge is null: there are "
+                             "no kicks to hold (set space_charge_every to 1, or give model.space_charge)")
         if entropy_penalty is not None:
             if not entropy_penalty > 0:
                 raise ValueError(f"model.entropy_penalty must be positive (or null for a plain fit), got {entropy_penalty}")
@@ -156,9 +165,12 @@ class PhaseSpaceReconstruction(L.LightningModule):
                 raise ValueError(f"model.prior has n_dim {getattr(prior, 'n_dim', None)}, the generator "
                                  f"{getattr(generator, 'n_dim', None)}")
             prior.requires_grad_(False)
-        corrected = [i for i, entry in enumerate(replace or []) if isinstance(entry, dict) and entry.get("correct") is not None]
+        corrected = [f"model.replace[{i}].correct" for i, entry in enumerate(replace or [])
+                     if isinstance(entry, dict) and entry.get("correct") is not None]
+        if space_charge_every > 1:
+            corrected.insert(0, f"model.space_charge_every {space_charge_every}")
         if corrected and (not hasattr(generator, "base_samples") or getattr(generator, "resample", False)):
-            raise ValueError(f"model.replace[{corrected[0]}].correct holds a correction per particle from one step to the "
+            raise ValueError(f"{corrected[0]} holds a correction per particle from one step to the "
                              f"next: it needs a generator that gives the same particles every step (fixed base samples, "
                              f"as models.MLPBeamGenerator), not {type(generator).__name__}"
                              + (" with resample" if getattr(generator, "resample", False) else ""))
@@ -201,6 +213,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         """Build the lattice, calibration and conditions from a scan summary (`scan_summary`; saved with every
         checkpoint, so a trained run predicts without its scan file: `psr predict`)."""
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
+        if space_charge is not None and self.hparams.get("space_charge_every", 1) > 1:
+            space_charge = LaggedSpaceCharge.lagging(space_charge, self.hparams.space_charge_every)
         self.lattice = build_lattice(summary["lattice"], summary.get("folder"), space_charge).to(self.device)
         # neural elements (a surrogate from model.replace, or in the scan's lattice) are fixed physics in a fit: the
         # optimizer would otherwise retrain them on the scan's images together with the beam, which lets the two
@@ -386,6 +400,14 @@ class PhaseSpaceReconstruction(L.LightningModule):
         training: D without most of the model's shot noise). In a distributed fit every process must
         call it (they share the work)."""
         return self._sum_over_processes(self._loss(batch, self.beam(n_particles), share=True)).item()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if isinstance(self.lattice.space_charge, LaggedSpaceCharge):
+            self.lattice.space_charge.start_step()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if isinstance(self.lattice.space_charge, LaggedSpaceCharge):
+            self.lattice.space_charge.end_step()
 
     def training_step(self, batch, batch_idx):  # noqa: D102
         if not self.max_entropy:
