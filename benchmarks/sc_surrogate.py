@@ -1,8 +1,10 @@
 """Space-charge surrogate vs particle-in-cell (issue 13), in one run: time per training step and accuracy.
 
 - Time: one training step (forward and backward of the image mismatch over the training settings) of
-  configs/sc_quad_scan.yaml (PIC: 16^3 grid, kicks every 0.25 m) and of configs/sc_quad_scan_surrogate.yaml
-  (data/sc_section.pt in place of Q1 and D1), same generator, same particles; median of --steps steps.
+  configs/sc_quad_scan.yaml with PIC in every step (16^3 grid, kicks every 0.25 m), of configs/sc_quad_scan_surrogate.yaml
+  (data/sc_section.pt in place of Q1 and D1, corrected by PIC), of variants of it, and of configs/sc_quad_scan.yaml as
+  shipped (PIC kicks every 100 steps, held between: model.space_charge_every); same generator, same particles; mean of
+  --steps steps.
 - Accuracy: on the held-out beams (every fifth) of data/sc_section.pairs.h5 (a synthetic range of beams) and of
   data/sc_section.visited.pairs.h5 (beams fits visit, perturbed), each where made (reference: PIC with 32^3,
   0.1 m and compensate: true, as the example's data), the rms sizes and emittances after the section from the surrogate and
@@ -36,20 +38,22 @@ LINEAR = ["--model.replace", "[{elements: [Q1, D1], element: {type: SectionMap, 
 
 
 def step_time(config: str, steps: int, extra: list[str] = ()) -> float:
-    """Mean time of one training step [s] after one untimed step, over `steps` steps; with a surrogate corrected by
-    PIC every k steps (`correct`), over whole cycles of k steps (each holds one PIC pass)."""
+    """Mean time of one training step [s] after one untimed step, over `steps` steps; with PIC every k steps (a
+    surrogate's `correct`, or `model.space_charge_every`), over whole cycles of k steps (each holds one PIC pass)."""
     cli = fit_cli(["--config", str(ROOT / config), f"--data.path={ROOT / 'data/sc_quad_scan.h5'}", *extra], run=False)
     model, data = cli.model, cli.datamodule
     data.setup("fit")
     model.configure_scan(data.scan)
     batch = next(iter(data.train_dataloader()))
-    every = max([getattr(e, "every", 0) for e in model.lattice.elements])
+    every = max([getattr(e, "every", 0) for e in model.lattice.elements] + [getattr(model.lattice.space_charge, "every", 0)])
     cycles = -(-steps // every) if every else 0
     times = []
     for _ in range(1 + (cycles * every if every else steps)):
         model.zero_grad()
         start = time.perf_counter()
+        model.on_train_batch_start(batch, 0)
         model._loss(batch).backward()
+        model.on_train_batch_end(None, batch, 0)
         times.append(time.perf_counter() - start)
     return statistics.fmean(times[1:])
 
@@ -104,19 +108,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
-    # PIC at the surrogate config's particle count (both ship with 20k since the correction)
+    # PIC in every step at the surrogate config's particle count (both configs ship with 40k)
     shipped = yaml.safe_load(open(ROOT / "configs/sc_quad_scan_surrogate.yaml"))["model"]
     n = shipped["generator"]["init_args"]["n_particles"]
-    pic = step_time("configs/sc_quad_scan.yaml", options.steps, [f"--model.generator.init_args.n_particles={n}"])
+    pic = step_time("configs/sc_quad_scan.yaml", options.steps, [f"--model.generator.init_args.n_particles={n}",
+                                                                 "--model.space_charge_every=1"])  # PIC in every step
     corrected = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps)
     plain = [{k: v for k, v in entry.items() if k != "correct"} for entry in shipped["replace"]]
     surrogate = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, ["--model.replace", json.dumps(plain)])
     linear = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, LINEAR)
     every = shipped["replace"][0].get("correct", {}).get("every")
+    # the section's untrained first-order map (no space charge, no weights file) with the same correction
+    first_order = [{"elements": ["Q1", "D1"], "element": {"type": "SectionMap", "name": "SC", "inputs": ["Q1.k1"],
+                                                          "reference_rms": [1.0] * 6, "hidden_layers": 0},
+                    "correct": shipped["replace"][0].get("correct")}]
+    untrained = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, ["--model.replace", json.dumps(first_order)])
+    every_k = ["--model.space_charge_every", str(every), f"--model.generator.init_args.n_particles={n}"]
+    lagged = step_time("configs/sc_quad_scan.yaml", options.steps, every_k)
     print(f"time per training step ({options.threads} threads, {n} particles): PIC {1e3 * pic:.0f} ms; the shipped "
           f"surrogate config (corrected by PIC every {every} steps) {1e3 * corrected:.0f} ms, {pic / corrected:.1f}x faster; "
           f"the surrogate alone {1e3 * surrogate:.0f} ms, {pic / surrogate:.1f}x; linear space charge alone "
-          f"{1e3 * linear:.0f} ms, {pic / linear:.1f}x")
+          f"{1e3 * linear:.0f} ms, {pic / linear:.1f}x; the untrained first-order map with the same correction "
+          f"{1e3 * untrained:.0f} ms, {pic / untrained:.1f}x; PIC kicks every {every} steps, held "
+          f"between (model.space_charge_every) {1e3 * lagged:.0f} ms, {pic / lagged:.1f}x")
     for name in ("sc_section.pairs", "sc_section.visited.pairs"):
         pairs = ROOT / f"data/{name}.h5"
         if not pairs.is_file():

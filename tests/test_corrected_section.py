@@ -166,9 +166,9 @@ def test_a_bad_space_charge_every_ends_the_fit_with_one_line(scan_sc, tmp_path, 
 
     with pytest.raises(ValueError, match=r"space_charge_every 5 holds a correction per particle .* with resample"):
         PhaseSpaceReconstruction(ConditionalMLPBeam(n_particles=100, resample=True), space_charge=PIC, space_charge_every=5)
+    PhaseSpaceReconstruction(ConditionalMLPBeam(n_particles=100, resample=True), space_charge=None, space_charge_every=5)
     for extra, message in [(["--model.space_charge_every=0"], "model.space_charge_every must be a whole number"),
-                           (["--model.space_charge_every=5", "--model.space_charge=null"],
-                            "model.space_charge_every is 5, but model.space_charge is null")]:
+                           (["--model.space_charge_every=2.5"], "model.space_charge_every")]:
         with pytest.raises(SystemExit) as stop:
             main(["fit", "--config", "configs/sc_quad_scan.yaml", f"--data.path={scan_sc}", *extra,
                   f"--trainer.logger.init_args.save_dir={tmp_path}"])

@@ -63,7 +63,7 @@ def fit(scan, tmp_path, space_charge: bool, epochs: int) -> dict:
         "fit", "--config", "configs/sc_quad_scan.yaml", f"--data.path={scan}", "--data.steps_per_epoch=40",
         f"--trainer.max_epochs={epochs}", "--model.generator.init_args.n_particles=4000",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-    ] + ([] if space_charge else ["--model.space_charge=null"]))
+    ] + (["--model.space_charge_every=1"] if space_charge else ["--model.space_charge=null"]))  # PIC in every step
     return json.loads(open(f"{cli.trainer.log_dir}/emittances.json").read())
 
 

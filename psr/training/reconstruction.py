@@ -79,7 +79,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
     tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off. space_charge_every:
     k > 1 computes the kicks every k-th training step and holds each particle's kicks in between
     (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it; needs
-    a generator with fixed base samples); 1: every step.
+    a generator with fixed base samples); 1: every step. Without space charge it has no effect.
 
     Maximum entropy (MENT-Flow's penalty method, Hoover & Wong, Phys. Rev. Research 6, 033163 (2024)):
     with `entropy_penalty` = mu (> 0) the objective is -H[rho, prior] + mu * D, D the image mismatch
@@ -140,9 +140,6 @@ class PhaseSpaceReconstruction(L.LightningModule):
         sim.SpaceCharge.from_config(space_charge, "model.space_charge")  # checks the settings now
         if not (isinstance(space_charge_every, int) and not isinstance(space_charge_every, bool) and space_charge_every >= 1):
             raise ValueError(f"model.space_charge_every must be a whole number of training steps >= 1, got {space_charge_every!r}")
-        if space_charge_every > 1 and space_charge is None:
-            raise ValueError(f"model.space_charge_every is {space_charge_every}, but model.space_charge is null: there are "
-                             "no kicks to hold (set space_charge_every to 1, or give model.space_charge)")
         if entropy_penalty is not None:
             if not entropy_penalty > 0:
                 raise ValueError(f"model.entropy_penalty must be positive (or null for a plain fit), got {entropy_penalty}")
@@ -167,7 +164,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             prior.requires_grad_(False)
         corrected = [f"model.replace[{i}].correct" for i, entry in enumerate(replace or [])
                      if isinstance(entry, dict) and entry.get("correct") is not None]
-        if space_charge_every > 1:
+        if space_charge_every > 1 and space_charge is not None:  # (without space charge there is nothing to hold)
             corrected.insert(0, f"model.space_charge_every {space_charge_every}")
         if corrected and (not hasattr(generator, "base_samples") or getattr(generator, "resample", False)):
             raise ValueError(f"{corrected[0]} holds a correction per particle from one step to the "
