@@ -3,7 +3,8 @@
 - Time: one training step (forward and backward of the image mismatch over the training settings) of
   configs/sc_quad_scan.yaml with PIC in every step (16^3 grid, kicks every 0.25 m), of configs/sc_quad_scan_surrogate.yaml
   (data/sc_section.pt in place of Q1 and D1, corrected by PIC), of variants of it, and of configs/sc_quad_scan.yaml as
-  shipped (PIC kicks every 100 steps, held between: model.space_charge_every); same generator, same particles; mean of
+  shipped (PIC kicks every 100 steps, held between: model.space_charge_every), and with the Gaussian ellipsoid's field
+  (solver: gaussian) in place of PIC; same generator, same particles; mean of
   --steps steps.
 - Accuracy: on the held-out beams (every fifth) of data/sc_section.pairs.h5 (a synthetic range of beams) and of
   data/sc_section.visited.pairs.h5 (beams fits visit, perturbed), each where made (reference: PIC with 32^3,
@@ -91,6 +92,11 @@ def held_out_errors(pairs_path: Path) -> dict:
                             space_charge={"charge": pairs.charge, "max_step": 0.2}).double()
         rows.insert(1, ("linear space charge", linear.track(beams_in.double(), pairs.p0c, species,
                                                             {"Q1_k1": k1.double()})[0]))
+        # the nonlinear field of the rms-equivalent Gaussian ellipsoid, kicks every 0.25 m as the fit's PIC (no grid)
+        gauss = sim.Lattice.from_list(pairs.lattice, space_charge=sim.GaussianSpaceCharge(max_step=0.25))
+        rows.insert(2, ("Gaussian ellipsoid field, 0.25 m", torch.stack([
+            gauss(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species, charge=pairs.charge),
+                  {"Q1.k1": k1[i].double()}).beam.particles for i in range(len(index))])))
     out = {}
     for name, beams in rows:
         r = (rms(beams) / rms(reference) - 1)[:, [0, 2]].abs()
@@ -125,12 +131,16 @@ def main() -> None:
     untrained = step_time("configs/sc_quad_scan_surrogate.yaml", options.steps, ["--model.replace", json.dumps(first_order)])
     every_k = ["--model.space_charge_every", str(every), f"--model.generator.init_args.n_particles={n}"]
     lagged = step_time("configs/sc_quad_scan.yaml", options.steps, every_k)
+    gaussian = step_time("configs/sc_quad_scan.yaml", options.steps, [f"--model.generator.init_args.n_particles={n}",
+                                                                      "--model.space_charge={solver: gaussian, max_step: 0.25}",
+                                                                      "--model.space_charge_every=1"])
     print(f"time per training step ({options.threads} threads, {n} particles): PIC {1e3 * pic:.0f} ms; the shipped "
           f"surrogate config (corrected by PIC every {every} steps) {1e3 * corrected:.0f} ms, {pic / corrected:.1f}x faster; "
           f"the surrogate alone {1e3 * surrogate:.0f} ms, {pic / surrogate:.1f}x; linear space charge alone "
           f"{1e3 * linear:.0f} ms, {pic / linear:.1f}x; the untrained first-order map with the same correction "
           f"{1e3 * untrained:.0f} ms, {pic / untrained:.1f}x; PIC kicks every {every} steps, held "
-          f"between (model.space_charge_every) {1e3 * lagged:.0f} ms, {pic / lagged:.1f}x")
+          f"between (model.space_charge_every) {1e3 * lagged:.0f} ms, {pic / lagged:.1f}x; the Gaussian ellipsoid's "
+          f"field in every step (solver: gaussian) {1e3 * gaussian:.0f} ms, {pic / gaussian:.1f}x")
     for name in ("sc_section.pairs", "sc_section.visited.pairs"):
         pairs = ROOT / f"data/{name}.h5"
         if not pairs.is_file():

@@ -10,10 +10,11 @@ from .magnets import Drift, Quadrupole, Sextupole, Solenoid
 from .screen import Screen
 from .space_charge import SpaceCharge
 from .space_charge_linear import LinearSpaceCharge
+from .space_charge_gaussian import GaussianSpaceCharge
 from .species import SPECIES, Species, get_species, relativistic_factors
 
 __all__ = [
     "Aperture", "ELEMENT_TYPES", "Dipole", "Drift", "Element", "Lattice", "LinearElement", "ParticleBeam", "Quadrupole",
-    "RFCavity", "SPECIES", "Screen", "Sextupole", "Solenoid", "SpaceCharge", "LinearSpaceCharge", "TransverseDeflectingCavity", "Species", "TrackResult", "get_species", "parse_setting_name",
+    "RFCavity", "SPECIES", "Screen", "Sextupole", "Solenoid", "SpaceCharge", "LinearSpaceCharge", "GaussianSpaceCharge", "TransverseDeflectingCavity", "Species", "TrackResult", "get_species", "parse_setting_name",
     "relativistic_factors",
 ]

@@ -73,15 +73,34 @@ class SpaceCharge:
         self._kernels: OrderedDict = OrderedDict()
 
     @classmethod
-    def from_config(cls, config: dict | None, where: str = "space_charge") -> "SpaceCharge | None":
+    def from_config(cls, config: dict | None, where: str = "space_charge"):
         """From a config mapping {grid_shape, max_step, extent, checkpoint, compensate} (None: no space charge);
-        `where` names the option in the error for an unknown key."""
+        `where` names the option in the error for an unknown key. Optional key `solver`: "pic" (default, this
+        class), "gaussian" (sim.GaussianSpaceCharge: the nonlinear field of the rms-equivalent Gaussian
+        ellipsoid) or "linear" (sim.LinearSpaceCharge: its linear part); those two take only max_step."""
         if config is None:
             return None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where} must be a mapping {{grid_shape, max_step, ...}} or null, got {config!r}")
+        config = dict(config)
+        solver = config.pop("solver", "pic")
+        if solver in ("gaussian", "linear"):
+            unknown = set(config) - {"max_step"}
+            if unknown:
+                raise ValueError(f"{where}: solver {solver} takes only max_step, got {sorted(unknown)}")
+            from .space_charge_gaussian import GaussianSpaceCharge
+            from .space_charge_linear import LinearSpaceCharge
+
+            try:
+                return (GaussianSpaceCharge if solver == "gaussian" else LinearSpaceCharge)(**config)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+        if solver != "pic":
+            raise ValueError(f"{where}.solver must be pic, gaussian or linear, got {solver!r}")
         unknown = set(config) - {"grid_shape", "max_step", "extent", "checkpoint", "compensate"}
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use grid_shape, max_step, extent, checkpoint, "
-                             "compensate")
+                             "compensate (or solver)")
         return cls(**config)
 
     def __repr__(self) -> str:

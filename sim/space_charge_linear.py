@@ -33,11 +33,11 @@ class LinearSpaceCharge:
 
     def __init__(self, max_step: float = 0.1):
         if not (isinstance(max_step, (int, float)) and math.isfinite(max_step) and max_step > 0):
-            raise ValueError(f"LinearSpaceCharge: max_step must be a positive length in metres, got {max_step!r}")
+            raise ValueError(f"{type(self).__name__}: max_step must be a positive length in metres, got {max_step!r}")
         self.max_step = float(max_step)
 
     def __repr__(self) -> str:
-        return f"LinearSpaceCharge(max_step={self.max_step})"
+        return f"{type(self).__name__}(max_step={self.max_step})"
 
     def kick(self, particles: torch.Tensor, p0c, species, charge: float, length) -> torch.Tensor:
         """Particles (..., N, 6) after the kick of a step of `length` [m], bunch charge `charge` [C]."""
@@ -47,13 +47,19 @@ class LinearSpaceCharge:
         field = self.field(particles, energy / mass, abs(charge))  # (..., N, 3) rest-frame E' [V/m]
         return apply_field(particles, field, p0c, species, length)
 
-    @staticmethod
-    def field(particles: torch.Tensor, gamma, charge: float) -> torch.Tensor:
+    @classmethod
+    def field(cls, particles: torch.Tensor, gamma, charge: float) -> torch.Tensor:
         """Rest-frame field [V/m] (..., N, 3) at each particle of particles (..., N, 6); gamma: () or (...)."""
         gamma = torch.as_tensor(gamma, dtype=particles.dtype, device=particles.device)
         positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma.unsqueeze(-1)), -1)
         centred = positions - positions.mean(-2, keepdim=True)
         cov = centred.transpose(-1, -2) @ centred / positions.shape[-2]  # (..., 3, 3) [m^2]
+        return cls.bunch_field(centred, cov, charge)
+
+    @staticmethod
+    def bunch_field(centred: torch.Tensor, cov: torch.Tensor, charge: float) -> torch.Tensor:
+        """Field [V/m] (..., N, 3) at rest-frame positions (..., N, 3) relative to the mean of a bunch of
+        covariance cov (..., 3, 3) [m^2] and charge [C]."""
         return centred @ linear_field_matrix(cov, charge).transpose(-1, -2)
 
 

@@ -76,7 +76,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
     (faster, first-order) transfer maps. space_charge: {"grid_shape": [nx, ny, nz], "max_step": metres, "extent": k}
-    tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge; None: off. space_charge_every:
+    tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge ({"solver": "gaussian",
+    "max_step": metres}: the rms-equivalent Gaussian ellipsoid's field, no grid); None: off. space_charge_every:
     k > 1 computes the kicks every k-th training step and holds each particle's kicks in between
     (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it; needs
     a generator with fixed base samples); 1: every step. Without space charge it has no effect.
