@@ -198,17 +198,22 @@ class SectionMap(NeuralElement):
     space_charge: None, or {charge: [C], max_step: [m]}: M(p) then holds the linear space charge of the bunch's
     rms-equivalent Gaussian ellipsoid (sim.space_charge_linear, carried along the section as 6x6 matrices of
     the bunch's covariance), so the network learns only the nonlinear rest (sections of drifts and magnets), and
-    the correction is in units of the output's rms instead of the input's."""
+    the correction is in units of the output's rms instead of the input's. born: with space_charge, M(p) also holds
+    the first-order effect of the field's nonlinear part (`born_correction`, no network)."""
 
     def __init__(self, name: str, section: list[dict], reference_rms: list[float], inputs: list[str] | None = None,
                  input_scales: list[float] | None = None, hidden_width: int = 64, hidden_layers: int = 3,
-                 basis: str = "cubic_positions", space_charge: dict | None = None, weights: str | None = None,
-                 base_dir: str | None = None):
+                 basis: str = "cubic_positions", space_charge: dict | None = None, born: bool = False,
+                 weights: str | None = None, base_dir: str | None = None):
         super().__init__(name, weights, base_dir)
         if basis not in BASES:
             raise ValueError(f"SectionMap {name}: basis must be one of {sorted(BASES)} (the polynomial phi), got {basis!r}")
         self.basis = basis
         self.space_charge = _linear_space_charge(space_charge, section, f"SectionMap {name}: space_charge")
+        if not isinstance(born, bool) or (born and self.space_charge is None):
+            raise ValueError(f"SectionMap {name}: born must be true or false, and true needs space_charge {{charge, "
+                             f"max_step}}; got {born!r}")
+        self.born = born
         entries = [{**e, "tracking": "linear"} if e.get("type") in LINEAR_TRACKING else dict(e) for e in section]
         try:
             self.physical = sim.Lattice.from_list(entries)
@@ -248,6 +253,8 @@ class SectionMap(NeuralElement):
                 "basis": self.basis}
         if self.space_charge is not None:  # absent otherwise: weights files written before it stay valid
             spec["space_charge"] = dict(self.space_charge)
+        if self.born:
+            spec["born"] = True
         return spec
 
     def parameter_values(self, overrides, like):
@@ -264,13 +271,16 @@ class SectionMap(NeuralElement):
         mean = particles.mean(-2, keepdim=True)
         centred = particles - mean
         cov = centred.transpose(-1, -2) @ centred / particles.shape[-2]  # (..., 6, 6)
+        kicks = [] if self.born else None
         if self.space_charge is None:
             linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
             out, p0c_out = linear.particles, linear.p0c
         else:  # mean through the plain map, offsets from it through the map with linear space charge
             r_sc, r_0 = section_matrix(self.physical.elements, self.physical.split_settings(settings), cov, p0c,
-                                       species, self.space_charge["charge"], self.space_charge["max_step"])
+                                       species, self.space_charge["charge"], self.space_charge["max_step"], kicks)
             out, p0c_out = centred @ r_sc.transpose(-1, -2) + mean @ r_0.transpose(-1, -2), p0c
+            if self.born:
+                out = out + born_correction(centred, cov, kicks, r_sc)
         lead = out.shape[:-2]
         rms = cov.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # (..., 6); no NaN gradient at 0
         correlation = cov / (rms.unsqueeze(-1) * rms.unsqueeze(-2))
@@ -314,6 +324,31 @@ def cubic_basis(u: torch.Tensor) -> torch.Tensor:
 def linear_basis(u: torch.Tensor) -> torch.Tensor:
     """(..., N, 6): u itself: the correction is a learned 6x6 map per setting (second moments, emittances)."""
     return u
+
+
+def born_correction(centred: torch.Tensor, cov: torch.Tensor, kicks: list, r_sc: torch.Tensor) -> torch.Tensor:
+    """(..., N, 6): the first-order (Born) change of the section's output by the nonlinear part of the space-charge
+    field, each kick's taken where the particle is on its linear-space-charge trajectory and carried to the exit by
+    the linear map after it. The field is a long Gaussian bunch's with a round profile in rms units: at w = (x, y) /
+    rms and line density exp(-w_z^2 / 2), E = sqrt2 * 4 * shape(rho) * line * (the rms-equivalent linear field),
+    shape = (1 - exp(-rho^2 / 2)) / rho^2 (its rms-equivalent part is the linear field: mean of w^2 sqrt2 4 shape
+    line = 1), so the kick beyond the linear one is dp = (k - 1) r (sqrt2 4 shape line - 1) in px, py.
+    centred: input minus mean; cov: its covariance (..., 6, 6); kicks: (map to the kick, kick matrix) of each
+    (sim.space_charge_linear.section_matrix); r_sc: the whole section's map."""
+    positions, momenta = [0, 2, 4], [1, 3]
+    correction = 0.0
+    for to, k in kicks:
+        rows = to[..., positions, :]  # (..., 3, 6): x, y, z at the kick
+        at = centred @ rows.transpose(-1, -2)  # (..., N, 3)
+        size = (rows @ cov @ rows.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).clamp_min(1e-30).sqrt()
+        w = at / size.unsqueeze(-2)
+        rho2 = w[..., 0].square() + w[..., 1].square()
+        shape = torch.where(rho2 > 1e-6, -torch.expm1(-0.5 * rho2) / rho2.clamp_min(1e-6), 0.5 - rho2 / 8)
+        gain = 4 * math.sqrt(2) * shape * torch.exp(-0.5 * w[..., 2].square()) - 1
+        kick = (at @ k[..., momenta, :][..., :, positions].transpose(-1, -2)) * gain.unsqueeze(-1)  # (..., N, 2): px, py
+        after = r_sc @ torch.linalg.inv(k @ to)  # from just after the kick to the exit
+        correction = correction + kick @ after[..., :, momenta].transpose(-1, -2)
+    return correction
 
 
 BASES = {"cubic_positions": (polynomial_basis, 6 + 9 + 9), "cubic": (cubic_basis, 6 + len(_MONOMIALS)),

@@ -110,12 +110,14 @@ def kick_matrix(cov: torch.Tensor, p0c, species, charge: float, length) -> torch
 
 
 def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, species, charge: float,
-                   max_step: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_step: float, kicks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Transfer matrices (R_sc, R_0) (..., 6, 6) of a section of matrix elements (drifts, magnets) with the
     linear space charge of a bunch of 6x6 covariance cov (..., 6, 6) entering it: R_sc maps coordinates
     relative to the mean, R_0 (no space charge) the mean. Exactly what tracking the particles with
     LinearSpaceCharge(max_step) gives (the kick is linear in the offset from the mean), at the cost of 6x6
-    matrices: the covariance is carried along, slice by slice (half slice, kick, half slice), in float64."""
+    matrices: the covariance is carried along, slice by slice (half slice, kick, half slice), in float64.
+    kicks: a list that gets, for each kick in order, the map (..., 6, 6) from the entrance to where it acts and the
+    kick's matrix (..., 6, 6)."""
     dtype, cov = cov.dtype, cov.double()  # 6x6 matrices: float64 costs nothing and keeps the kicks' small terms
     eye = torch.eye(6, dtype=cov.dtype, device=cov.device)
     r_sc, r_0 = eye, eye
@@ -139,6 +141,8 @@ def section_matrix(elements: list, grouped: dict, cov: torch.Tensor, p0c, specie
             m1, m2 = halves[(piece == 0, False)], halves[(False, piece == n - 1)]
             cov = m1 @ cov @ m1.transpose(-1, -2)
             k = kick_matrix(cov, p0c, species, charge, length / n)
+            if kicks is not None:
+                kicks.append(((m1 @ r_sc).to(dtype), k.to(dtype)))
             step = m2 @ k @ m1
             cov = m2 @ (k @ cov @ k.transpose(-1, -2)) @ m2.transpose(-1, -2)
             r_sc = step @ r_sc
