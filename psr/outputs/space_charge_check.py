@@ -34,7 +34,11 @@ SURROGATE_REFERENCE = sim.SpaceCharge(grid_shape=[32, 32, 32], max_step=0.1, che
 def reference_space_charge(model: sim.SpaceCharge) -> sim.SpaceCharge:
     """The finer reference of a fit's space-charge model: twice the cells per axis (at most 64), 0.4 of its
     step, over the bunch's bounding box (no extent: far particles keep their own field), with the model's
-    smoothing compensation (`compensate`: else the reference's own smoothing, not the model's error, is measured)."""
+    smoothing compensation (`compensate`: else the reference's own smoothing, not the model's error, is measured).
+    A grid-free model (solver gaussian or linear, held or not) gets PIC on 32^3 cells, compensated, as its reference."""
+    solver = getattr(model, "solver", None) or model
+    if not isinstance(solver, sim.SpaceCharge):
+        return sim.SpaceCharge(grid_shape=[32, 32, 32], max_step=0.4 * solver.max_step, checkpoint=False, compensate=True)
     return sim.SpaceCharge(grid_shape=[min(2 * n, MAX_REFERENCE_CELLS) for n in model.grid_shape],
                            max_step=0.4 * model.max_step, checkpoint=False, compensate=model.compensate)
 
