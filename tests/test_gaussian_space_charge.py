@@ -114,3 +114,17 @@ def test_held_gaussian_kicks():
         lagged.end_step()
     torch.testing.assert_close(first, solver.kick(p, 5e6, "electron", 1e-11, 0.25), rtol=0, atol=1e-15)
     torch.testing.assert_close(held - 2 * p, first - p, rtol=0, atol=1e-15)
+
+
+def test_model_check_reference_of_a_grid_free_solver():
+    """The end-of-fit space-charge model check measures a grid-free solver against PIC (32^3, compensated)."""
+    from models.lagged import LaggedSpaceCharge
+    from psr.outputs.space_charge_check import reference_space_charge
+
+    for model in (sim.GaussianSpaceCharge(max_step=0.25), LaggedSpaceCharge.lagging(sim.GaussianSpaceCharge(0.25), 100),
+                  sim.LinearSpaceCharge(max_step=0.25)):
+        reference = reference_space_charge(model)
+        assert isinstance(reference, sim.SpaceCharge) and reference.grid_shape == (32, 32, 32)
+        assert reference.compensate and reference.max_step == pytest.approx(0.1)
+    pic = reference_space_charge(sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25))
+    assert pic.grid_shape == (32, 32, 32) and not pic.compensate
