@@ -80,29 +80,25 @@ def held_out_errors(pairs_path: Path) -> dict:
                                                                                  extent=3.0))
         pic3c = sim.Lattice.from_list(pairs.lattice, space_charge=sim.SpaceCharge(grid_shape=(16, 16, 16), max_step=0.25,
                                                                                   extent=3.0, compensate=True))
-        fit_pic, fit_pic3, fit_pic3c = (torch.stack([lattice(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species,
-                                                                   charge=pairs.charge),
-                                                  {"Q1.k1": k1[i].double()}).beam.particles for i in range(len(index))])
-                             for lattice in (pic, pic3, pic3c))
+        # the nonlinear field of the rms-equivalent Gaussian ellipsoid, kicks every 0.25 m as the fit's PIC (no grid)
+        gauss = sim.Lattice.from_list(pairs.lattice, space_charge=sim.GaussianSpaceCharge(max_step=0.25))
+        fit_pic, fit_pic3, fit_pic3c, gaussian = (
+            torch.stack([lattice(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species, charge=pairs.charge),
+                                 {"Q1.k1": k1[i].double()}).beam.particles for i in range(len(index))])
+            for lattice in (pic, pic3, pic3c, gauss))
         first_order = surrogate.physical(sim.ParticleBeam(beams_in.double(), p0c=pairs.p0c, species=species),
                                          {"Q1.k1": k1.double()}).beam.particles
         rows = [("surrogate", predicted), ("PIC 16^3, 0.25 m", fit_pic), ("PIC 16^3, 0.25 m, extent 3", fit_pic3),
                 ("PIC 16^3, 0.25 m, extent 3, compensated (the fit's)", fit_pic3c),
                 ("no space charge", first_order)]
-        # linear space charge alone (sim.LinearSpaceCharge as 6x6 maps, kicks every 0.2 m; no network, no grid)
-        linear = SectionMap("SC", pairs.lattice, spec["reference_rms"], inputs=spec["inputs"], hidden_layers=0,
-                            space_charge={"charge": pairs.charge, "max_step": 0.2}).double()
-        rows.insert(1, ("linear space charge", linear.track(beams_in.double(), pairs.p0c, species,
-                                                            {"Q1_k1": k1.double()})[0]))
-        born = SectionMap("SC", pairs.lattice, spec["reference_rms"], inputs=spec["inputs"], hidden_layers=0,
-                          space_charge={"charge": pairs.charge, "max_step": 0.2}, born=True).double()
-        rows.insert(2, ("linear space charge + first-order nonlinear kicks (born: true)",
-                        born.track(beams_in.double(), pairs.p0c, species, {"Q1_k1": k1.double()})[0]))
-        # the nonlinear field of the rms-equivalent Gaussian ellipsoid, kicks every 0.25 m as the fit's PIC (no grid)
-        gauss = sim.Lattice.from_list(pairs.lattice, space_charge=sim.GaussianSpaceCharge(max_step=0.25))
-        rows.insert(3, ("Gaussian ellipsoid field, 0.25 m", torch.stack([
-            gauss(sim.ParticleBeam(beams_in[i].double(), p0c=pairs.p0c, species=species, charge=pairs.charge),
-                  {"Q1.k1": k1[i].double()}).beam.particles for i in range(len(index))])))
+        # linear space charge alone (sim.LinearSpaceCharge as 6x6 maps, kicks every 0.2 m; no network, no grid), and
+        # with the first-order effect of the field's nonlinear part (born: true)
+        for position, (name, born) in enumerate((("linear space charge", False), ("linear space charge + first-order "
+                                                 "nonlinear kicks (born: true)", True)), start=1):
+            section = SectionMap("SC", pairs.lattice, spec["reference_rms"], inputs=spec["inputs"], hidden_layers=0,
+                                 space_charge={"charge": pairs.charge, "max_step": 0.2}, born=born).double()
+            rows.insert(position, (name, section.track(beams_in.double(), pairs.p0c, species, {"Q1_k1": k1.double()})[0]))
+        rows.insert(3, ("Gaussian ellipsoid field, 0.25 m", gaussian))
     out = {}
     for name, beams in rows:
         r = (rms(beams) / rms(reference) - 1)[:, [0, 2]].abs()

@@ -17,7 +17,6 @@ from .magnets import Drift, Quadrupole, Sextupole, Solenoid
 from .screen import Screen
 from .space_charge import SpaceCharge
 from .space_charge_linear import LinearSpaceCharge
-from .space_charge_gaussian import GaussianSpaceCharge
 
 ELEMENT_TYPES: dict[str, type[Element]] = {
     cls.__name__: cls
@@ -72,11 +71,9 @@ class Lattice(nn.Module):
 
     def __init__(self, elements: list[Element], space_charge=None):
         super().__init__()
-        if space_charge is not None and not isinstance(space_charge, (SpaceCharge, LinearSpaceCharge,
-                                                                      GaussianSpaceCharge)):
-            raise TypeError(f"space_charge must be a sim.SpaceCharge, sim.LinearSpaceCharge, "
-                            f"sim.GaussianSpaceCharge or None, "
-                            f"got {type(space_charge).__name__}")
+        if space_charge is not None and not isinstance(space_charge, (SpaceCharge, LinearSpaceCharge)):
+            raise TypeError(f"space_charge must be a sim.SpaceCharge, sim.LinearSpaceCharge (or GaussianSpaceCharge) "
+                            f"or None, got {type(space_charge).__name__}")
         self.space_charge = space_charge
         names = [e.name for e in elements]
         duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -9,7 +9,7 @@ position covariance S (rest-frame positions r = (x, y, gamma z) relative to the 
 field, and <E r^T> S^-1 is sim.space_charge_linear's rms-equivalent linear field). Unlike the linear field it
 falls off outside the core, so it gives the emittance growth of a bunch that is Gaussian, and most of that of
 one that is nearly so. The integral is a trapezoid sum over ln l (no eigen-decomposition in the gradient:
-round beams are fine); (S + l I)^-1 by Cayley-Hamilton. Kicks as sim.SpaceCharge's (same lab-frame factors).
+round beams are fine). Kicks as sim.SpaceCharge's (same lab-frame factors).
 """
 
 import math
