@@ -33,6 +33,8 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from psr.outputs.ensemble_summary import prediction_factor  # noqa: E402
 
 # hard-beam options added to each beamline's shipped beam (SyntheticBeam init_args)
 FAMILY = {
@@ -145,20 +147,24 @@ def coverage(results: list[dict]) -> None:
     """Per scan and tag with two or more seeds: each emittance's members' mean error, the +-2 std band
     (ddof 1, as psr ensemble) and whether it holds the truth (error 0); then the count over all. Where the
     fits carry the space-charge model check, also the corrected mean error and psr ensemble's
-    band_2std_with_model (from the mean to the corrected mean, +-2 std)."""
+    band_2std_with_model (from the mean to the corrected mean, +-2 std). And psr ensemble's band_95: +- the
+    Student-t prediction factor (ensemble_summary.prediction_factor) std, from the mean to the corrected mean
+    where the fits carry the check."""
     groups = {}
     for row in results:
         if "error" not in row:
             groups.setdefault((row["scan"], row["tag"]), []).append(row)
-    held = total = held_model = total_model = 0
+    held = total = held_model = total_model = held_95 = 0
     corrected_errors = []
     for (scan, tag), rows in sorted(groups.items()):
         if len(rows) < 2:
             continue
         cells = []
+        factor = prediction_factor(len(rows))
         for key in KEYS:
             errors = np.array([row[key] for row in rows])
             mean, std = errors.mean(), errors.std(ddof=1)
+            low = high = mean
             holds = mean - 2 * std <= 0 <= mean + 2 * std
             held, total = held + holds, total + 1
             cell = f"{key.removeprefix('norm_emit_')} {mean:+.2f} +- {2 * std:.2f} % {'holds' if holds else 'MISSES'}"
@@ -168,10 +174,14 @@ def coverage(results: list[dict]) -> None:
                 holds = min(mean, corrected) - 2 * std <= 0 <= max(mean, corrected) + 2 * std
                 held_model, total_model = held_model + holds, total_model + 1
                 corrected_errors.append(corrected)
+                low, high = min(mean, corrected), max(mean, corrected)
                 cell += f" (bias {bias:+.2f}, corrected {corrected:+.2f} %, {'holds' if holds else 'MISSES'})"
+            holds = low - factor * std <= 0 <= high + factor * std
+            held_95 += holds
+            cell += f"; 95 % band +- {factor * std:.2f} % {'holds' if holds else 'MISSES'}"
             cells.append(cell)
         print(f"{scan} [{tag}, {len(rows)} seeds]: " + "; ".join(cells))
-    print(f"bands holding the truth: {held} of {total}")
+    print(f"bands holding the truth: {held} of {total}; 95 % bands (band_95): {held_95} of {total}")
     if total_model:
         print(f"bands with the space-charge model's bias holding the truth: {held_model} of {total_model}; corrected "
               f"means within 3 %: {sum(abs(e) <= 3 for e in corrected_errors)} of {len(corrected_errors)}")

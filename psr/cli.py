@@ -390,6 +390,12 @@ def print_ensemble_summary(folder: Path) -> None:
                 " (holds the truth)" if row["truth_in_band_with_model"] else " (misses the truth)")
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
                   f"{row['corrected_mean']:.4e}, band [{low:.4e}, {high:.4e}]{verdict}")
+        if "band_95" in row:
+            low, high = row["band_95"]
+            verdict = "" if "truth_in_band_95" not in row else (
+                " (holds the truth)" if row["truth_in_band_95"] else " (misses the truth)")
+            print(f"  95 % band ({summary['members']} members: +- {row['band_95_factor']:.2f} std"
+                  f"{', from the mean to the corrected mean' if 'corrected_mean' in row else ''}) = [{low:.4e}, {high:.4e}]{verdict}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
     if summary.get("by_upstream"):
         checks = [(key, e["truth_in_band"]) for row in summary["by_upstream"] for key, e in row["emittances"].items()

@@ -51,6 +51,9 @@ def test_ensemble_writes_members_summary_and_plots(ensembles):
     assert row["mean"] == pytest.approx(np.mean(row["members"]))
     assert row["std"] == pytest.approx(np.std(row["members"], ddof=1))
     assert abs(row["mean_relative_error"]) < 0.1, row  # a determined scan: the members agree with the truth
+    k = 4.303 * (4 / 3) ** 0.5  # 3 members: the 95 % prediction band is mean +- t(0.975, 2 dof) sqrt(1 + 1/3) std
+    assert row["band_95"] == pytest.approx([row["mean"] - k * row["std"], row["mean"] + k * row["std"]], rel=1e-4)
+    assert row["truth_in_band_95"] == (row["band_95"][0] <= row["true"] <= row["band_95"][1])
     entropy = summary["entropy_nats"]
     assert len(entropy["members"]) == 3 and entropy["std"] < 0.5, entropy
     with h5py.File(folder / "ensemble_projections.h5") as handle:
@@ -113,3 +116,21 @@ def test_members_in_parallel_processes(ensembles, tmp_path):
     summary = json.loads((tmp_path / "quad_scan_4d" / "par" / "ensemble_emittances.json").read_text())
     assert summary["members"] == 3
     assert len(set(summary["emittances"]["norm_emit_y"]["members"])) == 3
+
+
+def test_band_95_holds_one_more_draw_95_percent_of_the_time():
+    """The Student-t prediction band of M members holds a further draw of their distribution (here: the truth, when
+    the members scatter around it) 95 % of the time; +-2 std holds it 78 % (M = 3) and 88 % (M = 6) of the time."""
+    from psr.outputs.ensemble_summary import prediction_factor
+
+    rng = np.random.default_rng(0)
+    assert prediction_factor(3) == pytest.approx(4.303 * (4 / 3) ** 0.5, rel=1e-3)
+    assert prediction_factor(1000) == pytest.approx(1.96, rel=2e-3)
+    for members, two_std in ((3, 0.78), (6, 0.88)):
+        draws = rng.normal(size=(40_000, members + 1))  # members, then the truth
+        mean, std = draws[:, :-1].mean(1), draws[:, :-1].std(1, ddof=1)
+        distance = np.abs(draws[:, -1] - mean) / std
+        assert np.mean(distance <= prediction_factor(members)) == pytest.approx(0.95, abs=0.005)
+        assert np.mean(distance <= 2) == pytest.approx(two_std, abs=0.01)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        prediction_factor(1)

@@ -107,6 +107,8 @@ def test_ensemble_band_with_the_model_bias():
     assert x["truth_in_band_with_model"] and x["corrected_relative_error"] == pytest.approx(0, abs=1e-12)
     assert y["corrected_mean"] == pytest.approx(0.97 / 0.97)
     assert y["band_2std_with_model"] == pytest.approx([0.97 - 0.02, 1.0 + 0.02])
+    k = 12.706 * 1.5 ** 0.5  # two members: t(0.975, 1 dof) sqrt(1 + 1/2)
+    assert y["band_95_factor"] == pytest.approx(k, rel=1e-4) and y["band_95"] == pytest.approx([0.97 - 0.01 * k, 1.0 + 0.01 * k], rel=1e-4)
     assert "space_charge_bias" not in rows["norm_emit_4d"]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import yaml
+from scipy import stats
 
 from psr.data.atomic import atomic_target
 from psr.data.datamodule import prepare_images
@@ -21,6 +22,17 @@ AXES = ("x", "px", "y", "py", "z", "pz")
 # an emittance whose members scatter by more than this (relative std) is reported as not determined by the data
 UNDETERMINED_SPREAD = 0.05
 PROJECTION_BINS = 48
+BAND_CONFIDENCE = 0.95  # band_95: Student-t prediction interval of the members (prediction_factor)
+
+
+def prediction_factor(members: int, confidence: float = BAND_CONFIDENCE) -> float:
+    """k of the band mean +- k std (std with ddof 1) that holds one more draw from the members' distribution with
+    probability `confidence` when only `members` draws are known: t_(1+confidence)/2, members-1 * sqrt(1 + 1/members).
+    4.97 for 3 members, 2.78 for 6, 2.10 for 20 (-> 1.96). A +-2 std band of 3 members holds such a draw 78 % of
+    the time, of 6 members 88 %."""
+    if members < 2:
+        raise ValueError(f"a prediction band needs at least 2 members, got {members}")
+    return float(stats.t.ppf((1 + confidence) / 2, members - 1) * np.sqrt(1 + 1 / members))
 
 
 def _member_data(folder: Path) -> dict:
@@ -45,7 +57,8 @@ def add_model_bias(emittances: dict, checks: list[dict]) -> None:
     """Each x, y emittance row gets the members' mean space-charge model bias of its plane (psr.outputs.
     space_charge_check; the rms bias for the core too), the corrected mean (mean / (1 + bias)) and the band
     band_2std_with_model: from the lower to the upper of the two means, each +- 2 std (it holds both the
-    fit's answer and the reference model's); with the truth, whether that band holds it."""
+    fit's answer and the reference model's); band_95 widens the same way (from the lower to the upper mean,
+    +- band_95_factor std); with the truth, whether the bands hold it."""
     for key, row in emittances.items():
         plane = emittance_plane(key)
         if plane not in ("x", "y"):
@@ -53,11 +66,13 @@ def add_model_bias(emittances: dict, checks: list[dict]) -> None:
         bias = float(np.mean([c[plane] for c in checks]))
         corrected = row["mean"] / (1 + bias)
         low, high = min(row["mean"], corrected), max(row["mean"], corrected)
+        half = row.setdefault("band_95_factor", prediction_factor(len(checks))) * row["std"]
         row.update(space_charge_bias=bias, corrected_mean=corrected,
-                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]])
+                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]], band_95=[low - half, high + half])
         if "true" in row:
             row.update(corrected_relative_error=corrected / row["true"] - 1,
-                       truth_in_band_with_model=bool(low - 2 * row["std"] <= row["true"] <= high + 2 * row["std"]))
+                       truth_in_band_with_model=bool(low - 2 * row["std"] <= row["true"] <= high + 2 * row["std"]),
+                       truth_in_band_95=bool(low - half <= row["true"] <= high + half))
 
 
 def calibration_spread(calibrations: list[dict]) -> dict:
@@ -86,15 +101,19 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
     tables = [emittance_table(m["particles"], scan.p0c, scan.species, planes) for m in members]
     truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes) if scan.ground_truth is not None else None
     emittances = {}
+    factor = prediction_factor(len(members))
     for key in tables[0]:
         values = np.array([t[key] for t in tables])
         row = {"mean": values.mean(), "std": values.std(ddof=1), "relative_std": values.std(ddof=1) / values.mean(),
                "members": values.tolist()}
         row["band_2std"] = [row["mean"] - 2 * row["std"], row["mean"] + 2 * row["std"]]
+        row["band_95_factor"] = factor
+        row["band_95"] = [row["mean"] - factor * row["std"], row["mean"] + factor * row["std"]]
         row["determined"] = bool(row["relative_std"] <= UNDETERMINED_SPREAD)
         if truth is not None:
             row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1,
-                       truth_in_band=bool(row["band_2std"][0] <= truth[key] <= row["band_2std"][1]))
+                       truth_in_band=bool(row["band_2std"][0] <= truth[key] <= row["band_2std"][1]),
+                       truth_in_band_95=bool(row["band_95"][0] <= truth[key] <= row["band_95"][1]))
         emittances[key] = row
     checks = [m["check"] for m in members]
     if all(checks):
