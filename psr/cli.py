@@ -363,6 +363,13 @@ def ensemble_cli(args: list[str]) -> None:
     print_ensemble_summary(folder)
 
 
+def _band(row: dict, band: str, verdict: str) -> str:
+    """'[low, high]' of an ensemble row's band, with whether it holds the truth where known."""
+    low, high = row[band]
+    held = "" if verdict not in row else (" (holds the truth)" if row[verdict] else " (misses the truth)")
+    return f"[{low:.4e}, {high:.4e}]{held}"
+
+
 def print_ensemble_summary(folder: Path) -> None:
     """Print an ensemble folder's summary (ensemble_emittances.json)."""
     from psr.outputs.ensemble_summary import UNDETERMINED_SPREAD
@@ -379,23 +386,16 @@ def print_ensemble_summary(folder: Path) -> None:
     for key, row in summary["emittances"].items():
         if "band_2std" not in row:
             continue
-        low, high = row["band_2std"]
-        verdict = "" if "truth_in_band" not in row else (" (holds the truth)" if row["truth_in_band"] else " (misses the truth)")
         note = "" if row["determined"] else (f"; not determined by these data (members scatter by more than "
                                              f"{100 * UNDETERMINED_SPREAD:g} %)")
-        print(f"{key}: mean +- 2 std = [{low:.4e}, {high:.4e}]{verdict}{note}")
+        print(f"{key}: mean +- 2 std = {_band(row, 'band_2std', 'truth_in_band')}{note}")
         if "band_2std_with_model" in row:
-            low, high = row["band_2std_with_model"]
-            verdict = "" if "truth_in_band_with_model" not in row else (
-                " (holds the truth)" if row["truth_in_band_with_model"] else " (misses the truth)")
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
-                  f"{row['corrected_mean']:.4e}, band [{low:.4e}, {high:.4e}]{verdict}")
+                  f"{row['corrected_mean']:.4e}, band {_band(row, 'band_2std_with_model', 'truth_in_band_with_model')}")
         if "band_95" in row:
-            low, high = row["band_95"]
-            verdict = "" if "truth_in_band_95" not in row else (
-                " (holds the truth)" if row["truth_in_band_95"] else " (misses the truth)")
             print(f"  95 % band ({summary['members']} members: +- {row['band_95_factor']:.2f} std"
-                  f"{', from the mean to the corrected mean' if 'corrected_mean' in row else ''}) = [{low:.4e}, {high:.4e}]{verdict}")
+                  f"{', from the mean to the corrected mean' if 'corrected_mean' in row else ''}) = "
+                  f"{_band(row, 'band_95', 'truth_in_band_95')}")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
     if summary.get("by_upstream"):
         checks = [(key, e["truth_in_band"]) for row in summary["by_upstream"] for key, e in row["emittances"].items()

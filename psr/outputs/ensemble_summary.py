@@ -68,7 +68,7 @@ def add_model_bias(emittances: dict, checks: list[dict]) -> None:
         low, high = min(row["mean"], corrected), max(row["mean"], corrected)
         half = row.setdefault("band_95_factor", prediction_factor(len(checks))) * row["std"]
         row.update(space_charge_bias=bias, corrected_mean=corrected,
-                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]], band_95=[low - half, high + half])
+                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]], band_95=[max(low - half, 0.0), high + half])
         if "true" in row:
             row.update(corrected_relative_error=corrected / row["true"] - 1,
                        truth_in_band_with_model=bool(low - 2 * row["std"] <= row["true"] <= high + 2 * row["std"]),
@@ -108,7 +108,7 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
                "members": values.tolist()}
         row["band_2std"] = [row["mean"] - 2 * row["std"], row["mean"] + 2 * row["std"]]
         row["band_95_factor"] = factor
-        row["band_95"] = [row["mean"] - factor * row["std"], row["mean"] + factor * row["std"]]
+        row["band_95"] = [max(row["mean"] - factor * row["std"], 0.0), row["mean"] + factor * row["std"]]  # emittances > 0
         row["determined"] = bool(row["relative_std"] <= UNDETERMINED_SPREAD)
         if truth is not None:
             row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1,
