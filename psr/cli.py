@@ -393,10 +393,10 @@ def print_ensemble_summary(folder: Path) -> None:
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
                   f"{row['corrected_mean']:.4e}, band {_band(row, 'band_2std_with_model', 'truth_in_band_with_model')}")
         if "band_95" in row:
-            low, high = row["band_95"]
+            spread = 100 * row["band_95_factor"] * row["std"] / row["mean"]
             print(f"  95 % band ({summary['members']} members: +- {row['band_95_factor']:.2f} std"
                   f"{', from the mean to the corrected mean' if 'corrected_mean' in row else ''}) = "
-                  f"{_band(row, 'band_95', 'truth_in_band_95')}: the data give it to +- {50 * (high - low) / row['mean']:.2g} %")
+                  f"{_band(row, 'band_95', 'truth_in_band_95')}: the members give it to +- {spread:.{1 if spread < 10 else 0}f} %")
     print(f"mean spread of the phase-space projections: {summary['mean_projection_spread']:.4f}")
     if summary.get("by_upstream"):
         checks = [(key, e["truth_in_band"]) for row in summary["by_upstream"] for key, e in row["emittances"].items()
