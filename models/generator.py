@@ -45,6 +45,19 @@ def check_longitudinal(longitudinal, n_dim: int) -> list[float] | None:
     return longitudinal
 
 
+def profile_on_nodes(profile: nn.Module, s: torch.Tensor, nodes: int) -> torch.Tensor:
+    """profile(s) (..., 1) of a 1-input network for s (..., 1) >= 0, evaluated at `nodes` points evenly over
+    [0, max s] and interpolated linearly (its gradient in s: the interpolant's slope). On 20k particles a
+    16-wide tanh profile costs ~3 ms a step forward and backward; on 257 nodes almost nothing, and the
+    interpolant is within ~1e-4 of the network (tests/test_generator_tails.py)."""
+    top = s.detach().max().clamp_min(1e-12)
+    values = profile(torch.linspace(0, 1, nodes, dtype=s.dtype, device=s.device)[:, None] * top)[:, 0]
+    position = (s[..., 0] / top * (nodes - 1)).clamp(0, nodes - 1)
+    low = position.detach().floor().clamp(max=nodes - 2).long()
+    weight = position - low
+    return (values[low] * (1 - weight) + values[low + 1] * weight).unsqueeze(-1)
+
+
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
@@ -69,6 +82,9 @@ class MLPBeamGenerator(nn.Module):
     particles' mean is subtracted): for an incoming orbit known from upstream beam-position monitors.
     Where magnet offsets and screen centres are fitted (`model.calibrate`), the incoming orbit is
     otherwise one more unknown the images cannot tell apart from them.
+    profile_nodes: evaluate the learned radial profiles (tail_skip, plane_profiles) at this many points and
+    interpolate linearly (`profile_on_nodes`), not on every particle (None: on every particle, as fits of
+    before it were made).
     """
 
     def __init__(
@@ -85,9 +101,14 @@ class MLPBeamGenerator(nn.Module):
         tail_skip: bool = False,
         centred: bool = False,
         plane_profiles: bool = False,
+        profile_nodes: int | None = None,
     ):
         super().__init__()
         check_generator_arguments(n_dim, n_particles, activation)
+        if profile_nodes is not None and not (isinstance(profile_nodes, int) and not isinstance(profile_nodes, bool)
+                                              and profile_nodes >= 2):
+            raise ValueError(f"profile_nodes must be a whole number >= 2 (or null), got {profile_nodes!r}")
+        self.profile_nodes = profile_nodes
         scale = per_coordinate_scale(scale, n_dim)
         longitudinal = check_longitudinal(longitudinal, n_dim)
         self.n_dim = n_dim
@@ -120,15 +141,19 @@ class MLPBeamGenerator(nn.Module):
 
     def _tail_features(self, base: torch.Tensor) -> torch.Tensor:
         """(N, 2 n_dim): b_i^3 (unit rms) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile."""
-        gate = nn.functional.softplus(self.radial(base.square().mean(-1, keepdim=True)))
+        gate = nn.functional.softplus(self._profile(self.radial, base.square().mean(-1, keepdim=True)))
         return torch.cat([base**3 / self.cube_scale, base * gate], -1)
 
     def _plane_features(self, base: torch.Tensor) -> torch.Tensor:
         """(N, n_dim): each pair q_k of q = P b, direction q_k / r_k times R_k(r_k) > 0, a learned radius."""
         pairs = self.plane_basis(base).unflatten(-1, (-1, 2))
         radii = pairs.square().sum(-1, keepdim=True).clamp_min(1e-12).sqrt()
-        new_radii = torch.stack([nn.functional.softplus(h(radii[:, k])) for k, h in enumerate(self.plane_radial)], 1)
+        new_radii = torch.stack([nn.functional.softplus(self._profile(h, radii[:, k])) for k, h in enumerate(self.plane_radial)], 1)
         return (pairs / radii * new_radii).flatten(-2)
+
+    def _profile(self, profile: nn.Module, s: torch.Tensor) -> torch.Tensor:
+        """A learned radial profile at s (N, 1): on every particle, or interpolated from profile_nodes points."""
+        return profile(s) if self.profile_nodes is None else profile_on_nodes(profile, s, self.profile_nodes)
 
     def _draw(self, n: int, seed: int) -> torch.Tensor:
         """Base samples (n, n_dim), plus two columns for z, pz when `longitudinal` is set."""
