@@ -35,6 +35,11 @@ def prediction_factor(members: int, confidence: float = BAND_CONFIDENCE) -> floa
     return float(stats.t.ppf((1 + confidence) / 2, members - 1) * np.sqrt(1 + 1 / members))
 
 
+def band_95(low: float, high: float, half: float) -> list[float]:
+    """[low - half, high + half], the lower end at least 0 (emittances are positive)."""
+    return [max(low - half, 0.0), high + half]
+
+
 def _member_data(folder: Path) -> dict:
     for needed in ("beam.h5", "predicted_images.h5", "config.yaml"):
         if not (folder / needed).exists():
@@ -68,11 +73,11 @@ def add_model_bias(emittances: dict, checks: list[dict]) -> None:
         low, high = min(row["mean"], corrected), max(row["mean"], corrected)
         half = row.setdefault("band_95_factor", prediction_factor(len(checks))) * row["std"]
         row.update(space_charge_bias=bias, corrected_mean=corrected,
-                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]], band_95=[max(low - half, 0.0), high + half])
+                   band_2std_with_model=[low - 2 * row["std"], high + 2 * row["std"]], band_95=band_95(low, high, half))
         if "true" in row:
             row.update(corrected_relative_error=corrected / row["true"] - 1,
                        truth_in_band_with_model=bool(low - 2 * row["std"] <= row["true"] <= high + 2 * row["std"]),
-                       truth_in_band_95=bool(low - half <= row["true"] <= high + half))
+                       truth_in_band_95=bool(row["band_95"][0] <= row["true"] <= row["band_95"][1]))
 
 
 def calibration_spread(calibrations: list[dict]) -> dict:
@@ -108,7 +113,7 @@ def summarize_ensemble(member_dirs: list[Path], folder: Path) -> Path:
                "members": values.tolist()}
         row["band_2std"] = [row["mean"] - 2 * row["std"], row["mean"] + 2 * row["std"]]
         row["band_95_factor"] = factor
-        row["band_95"] = [max(row["mean"] - factor * row["std"], 0.0), row["mean"] + factor * row["std"]]  # emittances > 0
+        row["band_95"] = band_95(row["mean"], row["mean"], factor * row["std"])
         row["determined"] = bool(row["relative_std"] <= UNDETERMINED_SPREAD)
         if truth is not None:
             row.update(true=truth[key], mean_relative_error=values.mean() / truth[key] - 1,
