@@ -5,15 +5,24 @@ import torch
 NOISE_CUT = 5.0  # pixels within this many standard deviations of the frame's mean are background
 
 
-def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CUT) -> torch.Tensor:
+def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CUT, clip: float = 3.0,
+                       rounds: int = 5) -> torch.Tensor:
     """Images (B, H, W) minus a flat background: the mean m of each image's outer `frame` pixels is
     subtracted and pixels not above m + k * (their std) are zeroed. Second moments weight the far
     pixels most, so pixel noise over a whole screen would swamp them; a noise-free image whose
-    frame is empty is unchanged."""
+    frame is empty is unchanged. m and the std come from the frame's pixels after `rounds` of
+    clipping those above m + clip * std: where a beam's tails reach the frame (a wide beam at a strong
+    setting), its pixels are not taken for background (they cut up to 10 % off such images' rms size²)."""
     edge = torch.ones_like(images[0], dtype=torch.bool)
     edge[frame:-frame, frame:-frame] = False
     border = images[:, edge]
-    mean, std = border.mean(-1)[:, None, None], border.std(-1)[:, None, None]
+    keep = torch.ones_like(border, dtype=torch.bool)
+    for _ in range(rounds + 1):
+        count = keep.sum(-1, keepdim=True).clamp_min(2)
+        mean = torch.where(keep, border, 0).sum(-1, keepdim=True) / count
+        std = (torch.where(keep, border - mean, 0).square().sum(-1, keepdim=True) / (count - 1)).sqrt()
+        keep = border <= mean + clip * std
+    mean, std = mean[:, :, None], std[:, :, None]
     kept = torch.where(images > mean + k * std, images - mean, torch.zeros_like(images))
     return torch.where(kept.sum((-1, -2), keepdim=True) > 0, kept, images)
 
