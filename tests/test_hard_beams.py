@@ -135,6 +135,38 @@ def test_kurtosis_term_sees_the_shape_of_the_tails_at_equal_rms():
         PhaseSpaceReconstruction(models.MLPBeamGenerator(n_particles=100), moment_kurtosis=True)
 
 
+def test_moment_start_fits_the_images_alone_first():
+    """moment_start 0.5 of 200 steps: the training mismatch is the image loss alone up to step 100, the
+    moment term then rises linearly to its weight by step 120 (a tenth of the steps); validation always
+    has the full term (its loss stays comparable over the fit). Bad values: one line."""
+    from types import SimpleNamespace
+
+    from psr.training.reconstruction import PhaseSpaceReconstruction, image_loss
+    y, x = torch.meshgrid(torch.arange(64.0, dtype=torch.float64), torch.arange(64.0, dtype=torch.float64), indexing="ij")
+    core = torch.exp(-((x - 30.0) ** 2 + (y - 32.0) ** 2) / (2 * 4.0**2))
+    halo = 0.95 * core / core.sum() + 0.05 * torch.exp(-((x - 30.0) ** 2 + (y - 32.0) ** 2) / (2 * 12.0**2)) / (
+        2 * math.pi * 144.0)
+    predicted, measured = (core / core.sum())[None], (halo / halo.sum())[None]
+    model = PhaseSpaceReconstruction(models.MLPBeamGenerator(n_particles=10, n_dim=4), moment_weight=0.3,
+                                     moment_start=0.5)
+    model.centred = set()
+    model._trainer = SimpleNamespace(estimated_stepping_batches=200, global_step=0)
+    images_only = image_loss(predicted, measured, "l1").item()
+    moments_only = moment_mismatch(predicted, measured).item()
+    assert moments_only > 0.3  # the halo's rms sizes
+    model.train()
+    for step, share in [(0, 0.0), (100, 0.0), (110, 0.5), (120, 1.0), (199, 1.0)]:
+        model._trainer.global_step = step
+        total = model.screen_mismatch("S", predicted, measured).item()
+        assert total == pytest.approx(images_only + share * 0.3 * moments_only, rel=1e-6), step
+    model.eval()
+    model._trainer.global_step = 0
+    assert model.screen_mismatch("S", predicted, measured).item() == pytest.approx(images_only + 0.3 * moments_only, rel=1e-6)
+    for bad in (1.0, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="model.moment_start must be a fraction"):
+            PhaseSpaceReconstruction(models.MLPBeamGenerator(n_particles=10, n_dim=4), moment_weight=0.3, moment_start=bad)
+
+
 def test_plane_profiles_start_as_the_plain_generator_and_can_open_a_hole():
     """plane_profiles adds nothing at the start (zero output map); with a learned radius R(0) > 0 the
     directions of one base plane put every particle outside radius R(0): a ring a continuous map of the
