@@ -380,8 +380,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
         """The mismatch of screen `name`'s predicted and measured unit-sum images (B, H, W), mean over B:
         the image loss plus moment_weight times the rms-moment mismatch."""
         mean = image_loss(predicted, measured, self.hparams.loss, self.hparams.get("pyramid", 0))
-        if self.hparams.get("moment_weight", 0.0) and self._moment_factor() > 0:
-            mean = mean + self._moment_factor() * self.hparams.moment_weight * moment_mismatch(
+        weight = self.hparams.get("moment_weight", 0.0) * self._moment_factor()
+        if weight:
+            mean = mean + weight * moment_mismatch(
                 predicted, measured, centroids=name not in self.centred, kurtosis=self.hparams.get("moment_kurtosis", False))
         return mean
 
