@@ -58,6 +58,25 @@ def profile_on_nodes(profile: nn.Module, s: torch.Tensor, nodes: int) -> torch.T
     return (values[low] * (1 - weight) + values[low + 1] * weight).unsqueeze(-1)
 
 
+class KnotSteps(nn.Module):
+    """A learned sum of K smooth steps a_k sigmoid((s - c_k) / w_k) of s >= 0 (a_k zero at the start), their
+    positions c_k fixed at quantiles of s's base values that crowd towards its tail (1 - 2^-k for k = 1..K), each
+    step as wide as the gap to its lower neighbour: a radial profile that can change fast where the tails are."""
+
+    def __init__(self, s: torch.Tensor, knots: int):
+        super().__init__()
+        levels = 1 - 0.5 ** torch.arange(1, knots + 1, dtype=torch.float64)
+        centres = torch.quantile(s.double(), levels).float()
+        widths = torch.diff(centres, prepend=centres.new_zeros(1)).clamp_min(1e-3) / 2
+        self.register_buffer("centres", centres)
+        self.register_buffer("widths", widths)
+        self.amplitudes = nn.Parameter(torch.zeros(knots))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """(..., 1) profile at s (..., 1)."""
+        return (torch.sigmoid((s - self.centres) / self.widths) * self.amplitudes).sum(-1, keepdim=True)
+
+
 class MLPBeamGenerator(nn.Module):
     """GPSR-style beam: fixed standard-normal base samples through an MLP, scaled to physical units.
 
@@ -85,6 +104,11 @@ class MLPBeamGenerator(nn.Module):
     profile_nodes: evaluate the learned radial profiles (tail_skip, plane_profiles) at this many points and
     interpolate linearly (`profile_on_nodes`), not on every particle (None: on every particle, as fits of
     before it were made).
+    profile_knots: add to tail_skip's radial profile K learned steps at quantiles of the base radius that crowd
+    towards the tail (`KnotSteps`; 0: none). A Gaussian core with a halo three times wider needs the profile to
+    rise steeply near the core's edge; the small tanh network alone rises smoothly and, with the moment term asking
+    for the halo's rms, widens the core instead (measured on the 4D beamline: image l1 0.068 with 10 knots against
+    0.081 without, 0.061 with no moment term and the halo missed).
     """
 
     def __init__(
@@ -102,9 +126,14 @@ class MLPBeamGenerator(nn.Module):
         centred: bool = False,
         plane_profiles: bool = False,
         profile_nodes: int | None = None,
+        profile_knots: int = 0,
     ):
         super().__init__()
         check_generator_arguments(n_dim, n_particles, activation)
+        if not (isinstance(profile_knots, int) and not isinstance(profile_knots, bool) and 0 <= profile_knots <= 16) \
+                or (profile_knots and not tail_skip):
+            raise ValueError(f"profile_knots must be a whole number from 0 to 16 and, above 0, needs tail_skip (its radial "
+                             f"profile gets the steps), got {profile_knots!r} with tail_skip {tail_skip!r}")
         if profile_nodes is not None and not (isinstance(profile_nodes, int) and not isinstance(profile_nodes, bool)
                                               and profile_nodes >= 2):
             raise ValueError(f"profile_nodes must be a whole number >= 2 (or null), got {profile_nodes!r}")
@@ -124,12 +153,13 @@ class MLPBeamGenerator(nn.Module):
         self.skip = nn.Linear(n_dim, n_dim) if linear_skip else None
         self.register_buffer("scale", scale)
         self.register_buffer("base_samples", self._draw(n_particles, seed))
-        self.tail = self.radial = None
+        self.tail = self.radial = self.knots = None
         if tail_skip:
             self.tail = nn.Linear(2 * n_dim, n_dim, bias=False)
             nn.init.zeros_(self.tail.weight)
             self.radial = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
             self.register_buffer("cube_scale", self.base_samples[:, :n_dim].pow(3).std(0))
+            self.knots = KnotSteps(self.base_samples[:, :n_dim].square().mean(-1), profile_knots) if profile_knots else None
         self.plane = self.plane_radial = None
         if plane_profiles:
             self.plane = nn.Linear(n_dim, n_dim, bias=False)
@@ -141,7 +171,11 @@ class MLPBeamGenerator(nn.Module):
 
     def _tail_features(self, base: torch.Tensor) -> torch.Tensor:
         """(N, 2 n_dim): b_i^3 (unit rms) and b_i g(|b|^2 / n_dim), g > 0 a learned radial profile."""
-        gate = nn.functional.softplus(self._profile(self.radial, base.square().mean(-1, keepdim=True)))
+        s = base.square().mean(-1, keepdim=True)
+        profile = self._profile(self.radial, s)
+        if self.knots is not None:
+            profile = profile + self.knots(s)
+        gate = nn.functional.softplus(profile)
         return torch.cat([base**3 / self.cube_scale, base * gate], -1)
 
     def _plane_features(self, base: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,35 @@ def test_plane_profiles_start_as_the_plain_generator_and_can_open_a_hole():
         models.MLPBeamGenerator(n_dim=5, plane_profiles=True)
 
 
+def test_profile_knots_start_at_zero_on_quantiles_that_crowd_to_the_tail():
+    """profile_knots adds nothing at the start (zero amplitudes: the same beam as without them, the same random
+    weights); step k sits at the (1 - 2^-k) quantile of the base radius s = |b|^2 / n_dim, so each step has half
+    the particles of the one below it beyond it; and a step moves only the particles near and beyond it: with
+    one amplitude set, those 10 step widths inside step k keep their coordinates to 1e-3 of the beam's size."""
+    torch.manual_seed(5)
+    plain = models.MLPBeamGenerator(n_particles=20000, tail_skip=True, seed=3)
+    torch.manual_seed(5)
+    knotted = models.MLPBeamGenerator(n_particles=20000, tail_skip=True, seed=3, profile_knots=8)
+    torch.testing.assert_close(knotted(), plain())
+    s = knotted.base_samples.square().mean(-1)
+    beyond = (s[:, None] > knotted.knots.centres).double().mean(0)
+    torch.testing.assert_close(beyond, 0.5 ** torch.arange(1, 9, dtype=torch.float64), atol=2e-3, rtol=0.0)
+    with torch.no_grad():
+        knotted.tail.weight.copy_(torch.cat([torch.zeros(4, 4), torch.eye(4)], 1))
+        before = knotted()
+        knotted.knots.amplitudes[5] = 3.0
+        after = knotted()
+    centre, width = knotted.knots.centres[5], knotted.knots.widths[5]
+    moved = (after - before).abs().amax(-1) / before.std(0).amax()
+    assert moved[s < centre - 10 * width].max() < 1e-3
+    assert moved[s > centre + 2 * width].min() > 0.1
+    for bad in (-1, 17, 2.0, True):
+        with pytest.raises(ValueError, match="profile_knots"):
+            models.MLPBeamGenerator(tail_skip=True, profile_knots=bad)
+    with pytest.raises(ValueError, match="needs tail_skip"):
+        models.MLPBeamGenerator(profile_knots=4)
+
+
 def test_profiles_on_nodes_are_the_network_interpolated():
     """profile_nodes: the radial profiles evaluated on 257 points and interpolated give the same beam as on every
     particle (to ~1e-5 of its size, random weights of rms 0.5), and the gradient in a profile's input is the
