@@ -196,7 +196,8 @@ def test_profile_knots_start_at_zero_on_quantiles_that_crowd_to_the_tail():
     """profile_knots adds nothing at the start (zero amplitudes: the same beam as without them, the same random
     weights); step k sits at the (1 - 2^-k) quantile of the base radius s = |b|^2 / n_dim, so each step has half
     the particles of the one below it beyond it; and a step moves only the particles near and beyond it: with
-    one amplitude set, those 10 step widths inside step k keep their coordinates to 1e-3 of the beam's size."""
+    one amplitude set, those 10 step widths inside step k keep their coordinates to 1e-3 of the beam's size; on
+    257 interpolation nodes for the network (profile_nodes) the same beam to 1e-3 of its size."""
     torch.manual_seed(5)
     plain = models.MLPBeamGenerator(n_particles=20000, tail_skip=True, seed=3)
     torch.manual_seed(5)
@@ -214,6 +215,10 @@ def test_profile_knots_start_at_zero_on_quantiles_that_crowd_to_the_tail():
     moved = (after - before).abs().amax(-1) / before.std(0).amax()
     assert moved[s < centre - 10 * width].max() < 1e-3
     assert moved[s > centre + 2 * width].min() > 0.1
+    on_nodes = models.MLPBeamGenerator(n_particles=20000, tail_skip=True, seed=3, profile_knots=8, profile_nodes=257)
+    on_nodes.load_state_dict(knotted.state_dict())  # the network interpolated, the steps on every particle
+    with torch.no_grad():
+        assert (on_nodes() - after).abs().max() < 1e-3 * after.abs().max()
     for bad in (-1, 17, 2.0, True):
         with pytest.raises(ValueError, match="profile_knots"):
             models.MLPBeamGenerator(tail_skip=True, profile_knots=bad)
