@@ -28,25 +28,27 @@ def without_background(images: torch.Tensor, frame: int = 2, k: float = NOISE_CU
 
 
 def centred_projections(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tensor | None = None):
-    """Unit-sum images (B, H, W) and, per axis, the projection (B, W) / (B, H), the centroid (B,) and the
-    distances of the pixel centres from it (B, W) / (B, H); at pixel centres xs (W,), ys (H,) [m] or, by
-    default, pixel indices."""
+    """Each image's total (B,) and, per axis, its unit-sum projection (B, W) / (B, H), the centroid (B,) and the
+    distances of the pixel centres from it (B, W) / (B, H), of images (B, H, W); at pixel centres xs (W,),
+    ys (H,) [m] or, by default, pixel indices. The projections are normalized, not the images: dividing a whole
+    image by its sum cost most of a fit's moment term (its backward pass, 8 images of 100 x 100: 4 ms a step)."""
     height, width = images.shape[-2:]
     xs = torch.arange(width, dtype=images.dtype, device=images.device) if xs is None else xs.to(images)
     ys = torch.arange(height, dtype=images.dtype, device=images.device) if ys is None else ys.to(images)
-    weights = images / images.sum(dim=(-1, -2), keepdim=True).clamp_min(torch.finfo(images.dtype).tiny)
-    px, py = weights.sum(-2), weights.sum(-1)
+    px, py = images.sum(-2), images.sum(-1)
+    total = px.sum(-1, keepdim=True).clamp_min(torch.finfo(images.dtype).tiny)
+    px, py = px / total, py / total
     cx, cy = px @ xs, py @ ys
-    return weights, (px, cx, xs - cx.unsqueeze(-1)), (py, cy, ys - cy.unsqueeze(-1))
+    return total[:, 0], (px, cx, xs - cx.unsqueeze(-1)), (py, cy, ys - cy.unsqueeze(-1))
 
 
 def moments(images: torch.Tensor, xs: torch.Tensor | None = None, ys: torch.Tensor | None = None):
     """Centroids (B, 2) and second central moments (xx, yy, xy), each (B,), of images (B, H, W) (x
     along W, y along H), each normalized to unit sum; at pixel centres xs (W,), ys (H,) [m] or, by
     default, pixel indices."""
-    weights, (px, cx, dx), (py, cy, dy) = centred_projections(images, xs, ys)
+    total, (px, cx, dx), (py, cy, dy) = centred_projections(images, xs, ys)
     xx, yy = (px * dx.square()).sum(-1), (py * dy.square()).sum(-1)
-    xy = torch.einsum("bhw,bh,bw->b", weights, dy, dx)
+    xy = torch.einsum("bhw,bh,bw->b", images, dy, dx) / total
     return torch.stack((cx, cy), -1), (xx, yy, xy)
 
 
