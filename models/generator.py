@@ -61,7 +61,7 @@ def profile_on_nodes(profile: nn.Module, s: torch.Tensor, nodes: int) -> torch.T
 class KnotSteps(nn.Module):
     """A learned sum of K smooth steps a_k sigmoid((s - c_k) / w_k) of s >= 0 (a_k zero at the start), their
     positions c_k fixed at quantiles of s's base values that crowd towards its tail (1 - 2^-k for k = 1..K), each
-    step as wide as the gap to its lower neighbour: a radial profile that can change fast where the tails are."""
+    step's width w_k half the gap to the step below: a radial profile that can change fast where the tails are."""
 
     def __init__(self, s: torch.Tensor, knots: int):
         super().__init__()
