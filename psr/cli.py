@@ -283,13 +283,15 @@ The beams and images of a trained run (`psr fit`) at new settings: one row of th
 one column per setting (upstream settings of a conditional beam model, and any '<element>.<parameter>' of
 the lattice; a scanned setting left out keeps the lattice's value). Writes <folder>/row_<i>.h5 (the beam at
 row i, openPMD) and <folder>/images.h5 (screens/<NAME>: (rows, H, W) unit-sum images; settings: the table).
-Upstream values outside the range the model was trained on are predicted with a warning."""
+Upstream values outside the range the model was trained on are predicted with a warning. Without
+--n_particles each beam is the fit's own particles (those its report's emittances are of); with it, N fresh
+ones (their tails were never fitted: their emittances can differ from the report's by a few percent)."""
 
 
 def predict_cli(args: list[str]) -> None:
     import argparse
 
-    from psr.outputs.predict import PREDICT_PARTICLES, predict
+    from psr.outputs.predict import predict
 
     if not args or "-h" in args or "--help" in args:
         print(PREDICT_USAGE)
@@ -298,10 +300,10 @@ def predict_cli(args: list[str]) -> None:
     parser.add_argument("--run", required=True)
     parser.add_argument("--settings", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--n_particles", type=int, default=PREDICT_PARTICLES)
+    parser.add_argument("--n_particles", type=int, default=None)
     parser.error = _raise_input_error
     options = parser.parse_args(args)
-    if options.n_particles < 2:
+    if options.n_particles is not None and options.n_particles < 2:
         raise ValueError(f"--n_particles must be at least 2, got {options.n_particles}")
     folder, warnings = predict(options.run, options.settings, options.output, options.n_particles)
     for warning in warnings:

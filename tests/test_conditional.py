@@ -178,6 +178,10 @@ def test_predict_from_the_run(trained_run, scan_path, tmp_path, capfd):
 
     group = ParticleGroup(str(tmp_path / "out" / "row_3.h5"))
     assert len(group) == 2000
+    main(["predict", "--run", str(trained_run), "--settings", str(table), "--output", str(tmp_path / "own")])
+    capfd.readouterr()
+    with h5py.File(tmp_path / "own" / "images.h5") as own, h5py.File(tmp_path / "out" / "images.h5") as counted:
+        np.testing.assert_array_equal(own["screens/YAG"][()], counted["screens/YAG"][()])  # by default its own 2000
 
 
 @pytest.mark.parametrize("case", ["unknown-setting", "no-model", "missing-upstream"])
