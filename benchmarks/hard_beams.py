@@ -159,7 +159,9 @@ def score_clean(run: Path, scan: Path, beamline: str, val_every: int) -> dict:
     truth, fresh = CLEAN_PARTICLES[beamline]
     clean = clean_scan(scan, truth)
     done = subprocess.run([sys.executable, __file__, "--clean-l1", str(run), str(clean), str(val_every), str(fresh)],
-                          capture_output=True, text=True, env=one_thread(), check=True)
+                          capture_output=True, text=True, env=one_thread())
+    if done.returncode:  # a score must not cost the benchmark its other fits
+        return {"l1_clean_error": (done.stderr or done.stdout).strip()[-300:]}
     train, held = json.loads(done.stdout.strip().splitlines()[-1])
     return {"l1_clean_train": round(train, 4), "l1_clean_held_out": round(held, 4)}
 
@@ -292,7 +294,8 @@ def rescore(rows: list[dict], results_file: Path) -> list[dict]:
         beamline = next(b for b in BEAMLINES if row["scan"].startswith(f"{SCANS_OF.get(b, b)}_"))
         beamline = "sc0" if beamline == "sc" and config["model"].get("space_charge") is None else beamline
         row.update(score_clean(run, Path(config["data"]["path"]), beamline, config["data"]["val_every"]))
-        print(json.dumps({k: row[k] for k in ("scan", "tag", "seed", "l1_clean_train", "l1_clean_held_out")}),
+        print(json.dumps({k: row[k] for k in ("scan", "tag", "seed", "l1_clean_train", "l1_clean_held_out", "l1_clean_error")
+                          if k in row}),
               flush=True)
     temporary = results_file.with_name(results_file.name + ".tmp")
     temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
