@@ -5,9 +5,9 @@ BEAMLINE by `psr simulate` (the space-charge beamline with a finer space-charge 
 as the shipped data; beamline sc_corrected fits those same scans with the surrogate corrected by PIC,
 configs/sc_quad_scan_surrogate.yaml), then fitted by `psr fit` with the beamline's shipped config, with only
 --data.path and any --extra arguments changed. Prints, per fit, the rms and 90 %-core emittance errors
-of x and y and the l1 image mismatch of the training and held-out settings (unit-sum images), against
-the scan and (l1_clean) as the beam, not its fitted samples, is against the true beam: the fitted beam
-drawn afresh with many particles against the true beam resimulated with many more (`clean_l1`).
+of x and y and the l1 image mismatch of the training and held-out settings (unit-sum images): against
+the scan, and (l1_clean) the fitted beam drawn afresh with many particles against the true beam
+resimulated with many more (`clean_l1`): the beam's error, not its fitted samples'.
 
     python benchmarks/hard_beams.py [--beams s_weak halo ...] [--beamlines 4d sc] [--jobs 2]
         [--extra "--model.moment_weight 0 --model.moment_kurtosis false"] [--seeds 0] [--folder DIR]
@@ -101,18 +101,27 @@ def one_thread() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def image_l1(run: Path, scan: Path, val_every: int) -> tuple[float, float]:
-    """Mean l1 mismatch of unit-sum images on the training and the held-out settings."""
-    with h5py.File(run / "predicted_images.h5") as predicted, h5py.File(scan) as measured:
-        train, held = [], []
-        for name in predicted:
-            p = predicted[name][()]
-            m = measured[f"screens/{name}/images"][()]
-            m = m.reshape(p.shape[0], -1, *p.shape[-2:]).mean(1) if m.ndim == 4 else m
-            for k in range(p.shape[0]):
-                a, b = p[k] / p[k].sum(), m[k] / m[k].sum()
-                (held if val_every and k % val_every == 1 else train).append(np.abs(a - b).sum())
+def split_l1(predicted: dict, reference: dict, val_every: int) -> tuple[float, float]:
+    """Mean l1 mismatch of unit-sum images {screen: (K, H, W)} on the training and the held-out settings (every
+    val_every-th from the second)."""
+    train, held = [], []
+    for name, p in predicted.items():
+        m = reference[name]
+        for k in range(p.shape[0]):
+            a, b = p[k] / p[k].sum(), m[k] / m[k].sum()
+            (held if val_every and k % val_every == 1 else train).append(np.abs(a - b).sum())
     return float(np.mean(train)), float(np.mean(held))
+
+
+def image_l1(run: Path, scan: Path, val_every: int) -> tuple[float, float]:
+    """`split_l1` of a run's predicted images against its scan's (the shots of a setting averaged)."""
+    with h5py.File(run / "predicted_images.h5") as predicted_file, h5py.File(scan) as measured_file:
+        predicted = {name: predicted_file[name][()] for name in predicted_file}
+        measured = {}
+        for name, p in predicted.items():
+            m = measured_file[f"screens/{name}/images"][()]
+            measured[name] = m.reshape(p.shape[0], -1, *p.shape[-2:]).mean(1) if m.ndim == 4 else m
+    return split_l1(predicted, measured, val_every)
 
 
 def clean_scan(scan: Path, particles: int) -> Path:
@@ -145,13 +154,8 @@ def clean_l1(run: Path, clean: Path, val_every: int, particles: int) -> tuple[fl
     settings = {name: torch.as_tensor(scan.settings[:, i]) for i, name in enumerate(scan.setting_names)}
     with torch.no_grad():
         _, images = model.predict_at(settings, n_particles=particles)
-    train, held = [], []
-    for name, screen in scan.screens.items():
-        predicted, reference = images[name].double().numpy(), screen.images
-        for k in range(reference.shape[0]):
-            a, b = predicted[k] / predicted[k].sum(), reference[k] / reference[k].sum()
-            (held if val_every and k % val_every == 1 else train).append(np.abs(a - b).sum())
-    return float(np.mean(train)), float(np.mean(held))
+    return split_l1({name: images[name].double().numpy() for name in scan.screens},
+                    {name: screen.images for name, screen in scan.screens.items()}, val_every)
 
 
 def score_clean(run: Path, scan: Path, beamline: str, val_every: int) -> dict:
@@ -248,6 +252,13 @@ def coverage(results: list[dict]) -> None:
               f"means within 3 %: {sum(abs(e) <= 3 for e in corrected_errors)} of {len(corrected_errors)}")
 
 
+def latest_run(results_file: Path, row: dict) -> Path | None:
+    """The newest run folder with a beam.h5 of a results row (runs/ beside results_file); None without one."""
+    runs = results_file.parent / "runs" / f"{row['scan']}_{row['tag']}_seed{row['seed']}"
+    done = sorted(runs.glob("version_*/beam.h5"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return done[-1].parent if done else None
+
+
 def recheck(results_file: Path) -> list[dict]:
     """The rows of a results.jsonl, each fit with space charge that lacks it given its space-charge model check
     (psr.outputs.space_charge_check on the run's beam.h5: the fits before the check existed)."""
@@ -261,10 +272,9 @@ def recheck(results_file: Path) -> list[dict]:
 
     rows = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
     for row in rows:
-        runs = results_file.parent / "runs" / f"{row['scan']}_{row['tag']}_seed{row['seed']}"
-        if "error" in row or "space_charge_bias" in row or not runs.is_dir():
+        run = None if "error" in row or "space_charge_bias" in row else latest_run(results_file, row)
+        if run is None:
             continue
-        run = sorted(runs.glob("version_*/beam.h5"), key=lambda p: int(p.parent.name.split("_")[1]))[-1].parent
         bias = model_bias(json.loads((run / "emittances.json").read_text()))
         if bias is not None:  # a surrogate corrected by PIC: its check is of that PIC
             row["space_charge_bias"] = bias
@@ -286,10 +296,9 @@ def rescore(rows: list[dict], results_file: Path) -> list[dict]:
     """The rows, each fit that lacks l1_clean given it (`score_clean`, its run folder beside results_file), written
     back to results_file."""
     for row in rows:
-        runs = results_file.parent / "runs" / f"{row['scan']}_{row['tag']}_seed{row['seed']}"
-        if "error" in row or "l1_clean_train" in row or not runs.is_dir():
+        run = None if "error" in row or "l1_clean_train" in row else latest_run(results_file, row)
+        if run is None:
             continue
-        run = sorted(runs.glob("version_*/beam.h5"), key=lambda p: int(p.parent.name.split("_")[1]))[-1].parent
         config = yaml.safe_load((run / "config.yaml").read_text())
         beamline = next(b for b in BEAMLINES if row["scan"].startswith(f"{SCANS_OF.get(b, b)}_"))
         beamline = "sc0" if beamline == "sc" and config["model"].get("space_charge") is None else beamline

@@ -13,7 +13,6 @@ from psr.outputs.report import write_beam
 from psr.training.trained import load_trained
 
 
-
 def read_settings_table(path) -> tuple[list[str], np.ndarray]:
     """(column names, (R, C) values) of a CSV table with a header of setting names and one row per prediction."""
     path = Path(path)
