@@ -12,7 +12,7 @@ import normflows as nf
 import torch
 from torch import nn
 
-from .generator import draw_base_samples, per_coordinate_scale
+from .generator import draw_base_samples, per_coordinate_scale, resample_stream
 
 
 COUPLINGS = ("spline", "affine")
@@ -102,7 +102,8 @@ class NormalizingFlowBeam(nn.Module):
         """Particles (N, n_dim) in physical units and their log-density [log of 1/(m^k)] (N,), one pass."""
         z = self.base_samples
         if self.resample and self.training:
-            z = torch.randn(n_particles or self.n_particles, self.n_dim, generator=self._resample_generator(z.device),
+            self._rng = resample_stream(self._rng, self.seed, z.device)
+            z = torch.randn(n_particles or self.n_particles, self.n_dim, generator=self._rng,
                             device=z.device, dtype=z.dtype)
         elif n_particles is not None and n_particles != self.n_particles:
             z = self._draw(n_particles, self.seed + 1).to(z)
@@ -112,13 +113,6 @@ class NormalizingFlowBeam(nn.Module):
             log_q = log_q - log_det
         x = self.mean + z @ self.cholesky.T
         return x, log_q - torch.log(torch.diagonal(self.cholesky).abs()).sum()
-
-    def _resample_generator(self, device: torch.device) -> torch.Generator:
-        """The random generator of resampled base draws, seeded from `seed` (seed + 2) on first use: every
-        process of a distributed fit draws the same particles, whatever else used the global generator."""
-        if self._rng is None or self._rng.device != torch.device(device):
-            self._rng = torch.Generator(device).manual_seed(self.seed + 2)
-        return self._rng
 
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density (N,) of points x (N, n_dim) in physical units (the flows run backwards)."""
