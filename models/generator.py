@@ -125,7 +125,8 @@ class MLPBeamGenerator(nn.Module):
     quasi_random: every base sample set (the fixed one, each fresh draw) is scrambled Sobol points made normal
     (`draw_base_samples`). With pseudo-random fresh draws the fit's emittances scatter with each draw's tails (a 20k
     draw of a beam with long tails misses its rms emittance by 1-3 %) and its cores came out 2-4 % low on the px
-    tail; quasi-random draws leave far less shot noise in each step's images.
+    tail; quasi-random draws leave far less shot noise in each step's images. Both on (quad_scan_4d.yaml), the 4D
+    hard-beam family's images against the true beam improved by 25-47 % (l1 of unit-sum images, six seeds a beam).
     profile_knots: add to tail_skip's radial profile K learned steps at quantiles of the base radius that crowd
     towards the tail (`KnotSteps`; 0: none). A Gaussian core with a halo three times wider needs the profile to
     rise steeply near the core's edge; the small tanh network alone rises smoothly and, with the moment term asking
