@@ -217,7 +217,7 @@ def test_resample_draws_fresh_standard_normal_base_samples_in_training_only():
     torch.testing.assert_close(again(), first)
     torch.testing.assert_close(again(), second)
     for particles in (first, second):
-        base = torch.cat([particles[:, :4] / 1e-3, particles[:, 4:] / 1e-3], 1).double()
+        base = (particles / 1e-3).double()
         assert base.mean(0).abs().max() < 4 / math.sqrt(20_000)
         assert (torch.cov(base.T) - torch.eye(6, dtype=torch.float64)).abs().max() < 0.05
     fresh.eval()
@@ -231,7 +231,8 @@ def test_resample_draws_fresh_standard_normal_base_samples_in_training_only():
 def test_quasi_random_base_samples_are_normal_and_hold_the_moments_of_long_tails():
     """Scrambled Sobol points made normal: mean 0, unit covariance, and the variance of x + 0.5 x^3 (an S-shaped
     projection, dominated by the far tail) over 20 scrambles of 20k points scatters under 1 % where pseudo-random
-    draws scatter ~3.4 %; a generator with quasi_random and resample draws a fresh scramble at each training call."""
+    draws scatter more than 2 % (measured 0.5 % and 4.0 %); a generator with quasi_random and resample draws a
+    fresh scramble at each training call."""
     from models.generator import draw_base_samples
 
     def tail_variance(base):
@@ -398,6 +399,7 @@ def test_fresh_quasi_random_samples_stop_the_fit_copying_the_scans_shot_noise(tm
 
     from psr.cli import fit_cli
     from psr.data.simulate import simulate
+    from psr.training.reconstruction import image_loss
 
     lattice, p0c, settings, twiss = BEAMLINES["60MeV"]
     (tmp_path / "lattice.yaml").write_text(yaml.safe_dump(lattice))
@@ -417,7 +419,7 @@ def test_fresh_quasi_random_samples_stop_the_fit_copying_the_scans_shot_noise(tm
         with torch.no_grad():
             _, images = cli.model.eval().predict_at({"Q1.k1": torch.as_tensor(clean.settings[:, 0])}, n_particles=200_000)
         predicted = images["YAG"].double()
-        mismatch[name] = (predicted / predicted.sum((-2, -1), keepdim=True)
-                          - truth / truth.sum((-2, -1), keepdim=True)).abs().sum((-2, -1)).mean().item()
+        mismatch[name] = image_loss(predicted / predicted.sum((-2, -1), keepdim=True),
+                                    truth / truth.sum((-2, -1), keepdim=True), "l1").item()
     print(mismatch)  # shown with pytest -s
     assert mismatch["fresh"] < 0.9 * mismatch["fixed"], mismatch
