@@ -122,10 +122,7 @@ class SpaceCharge:
     def field(self, particles: torch.Tensor, p0c, species, charge: float) -> torch.Tensor:
         """Rest-frame electric field [V/m] (B, N, 3) at each particle of particles (B, N, 6), for a
         bunch of total charge `charge` [C] > 0 spread evenly over the N particles."""
-        _, energy, mass = reference(p0c, species, particles)
-        gamma = energy / mass
-        gamma = gamma.reshape(-1, 1) if gamma.ndim else gamma
-        positions = torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)  # (B, N, 3)
+        positions = self.rest_positions(particles, p0c, species)  # (B, N, 3)
         origin, spacing, keys = self._grid(positions)
         kernels = self._kernel_ffts(keys, spacing, positions)  # B cached (3, nx + 1, ny + 1, nz + 1)
         weight = charge / positions.shape[-2]
@@ -136,6 +133,34 @@ class SpaceCharge:
         rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
         fields = _solve(rho, _stack(kernels), self.grid_shape)  # (B, 3, nx, ny, nz) [V/m]
         return _Gather.apply(fields, g)
+
+    def rest_positions(self, particles: torch.Tensor, p0c, species) -> torch.Tensor:
+        """Rest-frame positions (B, N, 3) [m] (x, y, gamma z) of particles (B, N, 6)."""
+        _, energy, mass = reference(p0c, species, particles)
+        gamma = energy / mass
+        gamma = gamma.reshape(-1, 1) if gamma.ndim else gamma
+        return torch.stack((particles[..., 0], particles[..., 2], particles[..., 4] * gamma), -1)
+
+    @torch.no_grad()
+    def field_grid(self, positions: torch.Tensor, charge: float):
+        """The rest-frame field on the grid of bunches at rest-frame positions (B, N, 3) [m] (`rest_positions`) of
+        total charge `charge` [C] > 0 (no gradient): fields (B, 3, nx, ny, nz) [V/m] at the nodes, the grids'
+        origins (B, 3) [m] and cell sizes (B, 3) [m]. `field_at` interpolates it (at these positions: `field`'s)."""
+        origin, spacing, keys = self._grid(positions)
+        kernels = self._kernel_ffts(keys, spacing, positions)
+        g = _grid_coordinates(positions, origin, spacing, self.grid_shape, self.extent)
+        corners, f = _cells(g, self.grid_shape, positions.shape[0])
+        rho = _deposit(corners, f, charge / positions.shape[-2], positions.shape[0] * math.prod(self.grid_shape), g)
+        rho = rho.view(-1, *self.grid_shape) / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
+        return _solve(rho, _stack(kernels), self.grid_shape), origin, spacing
+
+    def field_at(self, fields: torch.Tensor, origin: torch.Tensor, spacing: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """A grid's field (B, 3, nx, ny, nz) [V/m] of `field_grid` (origins, cell sizes (B, 3) [m]) interpolated
+        (cloud-in-cell) at rest-frame positions (B, N, 3) [m]: (B, N, 3); particles beyond the grid take the
+        nearest face's field. Differentiable in the positions and the origin, not the field."""
+        g = _grid_coordinates(positions, origin, spacing, self.grid_shape, 1.0)  # any extent: clamp onto the grid
+        return _Gather.apply(fields.detach(), g)
 
     def _grid(self, positions: torch.Tensor):
         """Origin (B, 3), cell sizes (B, 3) and cache keys of grids that cover each bunch's bounding box

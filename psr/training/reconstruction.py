@@ -85,8 +85,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
     tracks with 3D space charge (`sim.SpaceCharge`) of the scan file's bunch charge ({"solver": "gaussian",
     "max_step": metres}: the rms-equivalent Gaussian ellipsoid's field, no grid); None: off. space_charge_every:
     k > 1 computes the kicks every k-th training step and holds each particle's kicks in between
-    (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it; needs
-    a generator with fixed base samples); 1: every step. Without space charge it has no effect.
+    (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it), or, for
+    a generator that draws fresh particles every step (resample), PIC's field grid, interpolated at each step's
+    particles (the PIC solver only); 1: every step. Without space charge it has no effect.
 
     Maximum entropy (MENT-Flow's penalty method, Hoover & Wong, Phys. Rev. Research 6, 033163 (2024)):
     with `entropy_penalty` = mu (> 0) the objective is -H[rho, prior] + mu * D, D the image mismatch
@@ -175,13 +176,16 @@ class PhaseSpaceReconstruction(L.LightningModule):
             prior.requires_grad_(False)
         corrected = [f"model.replace[{i}].correct" for i, entry in enumerate(replace or [])
                      if isinstance(entry, dict) and entry.get("correct") is not None]
-        if space_charge_every > 1 and space_charge is not None:  # (without space charge there is nothing to hold)
-            corrected.insert(0, f"model.space_charge_every {space_charge_every}")
-        if corrected and (not hasattr(generator, "base_samples") or getattr(generator, "resample", False)):
+        fresh = not hasattr(generator, "base_samples") or getattr(generator, "resample", False)
+        pic = isinstance(space_charge, dict) and space_charge.get("solver", "pic") == "pic"
+        if space_charge_every > 1 and space_charge is not None and not (fresh and pic):
+            corrected.insert(0, f"model.space_charge_every {space_charge_every}")  # fresh particles: the field is held
+        if corrected and fresh:
             raise ValueError(f"{corrected[0]} holds a correction per particle from one step to the "
                              f"next: it needs a generator that gives the same particles every step (fixed base samples, "
                              f"as models.MLPBeamGenerator), not {type(generator).__name__}"
-                             + (" with resample" if getattr(generator, "resample", False) else ""))
+                             + (" with resample" if getattr(generator, "resample", False) else "")
+                             + ("; with the PIC solver it holds the field grid instead" if "every" in corrected[0] else ""))
         self.save_hyperparameters(ignore=["generator", "prior"])
         if init_from is not None and self.auto_prior:
             raise ValueError("model.init_from with model.prior auto: deriving the prior resets the generator's normalization "
@@ -201,6 +205,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.upstream: list[str] = []  # upstream settings (DESIGN.md "Conditional beams"): the generator's inputs
         self.scan_summary: dict | None = None  # what `psr predict` needs of the scan file (saved with checkpoints)
         self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
+
+    def _fresh_particles(self) -> bool:
+        """Whether the generator gives other particles every training step (resample, or no fixed base samples)."""
+        return not hasattr(self.generator, "base_samples") or bool(getattr(self.generator, "resample", False))
 
     def configure_scan(self, scan) -> None:
         """Take the lattice, reference and setting names from a scan file (`psr.data.scanfile.ScanData`)."""
@@ -222,7 +230,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         checkpoint, so a trained run predicts without its scan file: `psr predict`)."""
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         if space_charge is not None and self.hparams.get("space_charge_every", 1) > 1:
-            space_charge = LaggedSpaceCharge.lagging(space_charge, self.hparams.space_charge_every)
+            hold = "field" if self._fresh_particles() else "kicks"
+            space_charge = LaggedSpaceCharge.lagging(space_charge, self.hparams.space_charge_every, hold)
         self.lattice = build_lattice(summary["lattice"], summary.get("folder"), space_charge).to(self.device)
         # neural elements (a surrogate from model.replace, or in the scan's lattice) are fixed physics in a fit: the
         # optimizer would otherwise retrain them on the scan's images together with the beam, which lets the two
