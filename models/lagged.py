@@ -18,8 +18,9 @@ its grid instead, and every step interpolates it at that step's particles, the g
 
     p_after = p_before + K * E_i(r - <r> + <r>_i),    E_i = [PIC field of slice i on its grid] at the last refresh,
 
-(K the momentum kick per field, r rest-frame positions, <r>_i their mean at the refresh), differentiable in the
-positions (the held field's own gradient: its focusing) but not through the charge density.
+(K the momentum kick per field, r rest-frame positions, <r>_i their mean at the refresh), without gradient (as
+the held kicks). It costs a cloud-in-cell gather a kick: 49 ms against PIC's 240 ms (forward and backward) and
+2 ms for held kicks, 9 settings of 40k particles, one thread.
 """
 
 import torch
@@ -92,13 +93,16 @@ class LaggedSpaceCharge(sim.SpaceCharge):
         return super().kick(particles, p0c, species, charge, length)
 
     def _field_kick(self, particles, held, key, p0c, species, charge, length):
-        """The kick of the held field grid of this call (PIC's, solved now at a refresh step)."""
+        """The kick of the held field grid of this call (PIC's, solved now at a refresh step), without gradient."""
         batch_shape, n = particles.shape[:-2], particles.shape[-2]
-        positions = self.rest_positions(particles.reshape(-1, n, 6), p0c, species)
-        mean = positions.mean(-2)  # (B, 3): the grid moves with the bunch
-        if held is None:
-            fields, origin, spacing = self.field_grid(positions.detach(), abs(charge))
-            held = self._kicks[key] = (fields, origin - mean.detach(), spacing)
-        fields, offset, spacing = held
-        field = self.field_at(fields, offset + mean, spacing, positions)
-        return apply_field(particles, field.reshape(*batch_shape, n, 3), p0c, species, length)
+        with torch.no_grad():
+            before = particles.detach()
+            positions = self.rest_positions(before.reshape(-1, n, 6), p0c, species)
+            mean = positions.mean(-2)  # (B, 3): the grid moves with the bunch
+            if held is None:
+                fields, origin, spacing = self.field_grid(positions, abs(charge))
+                held = self._kicks[key] = (fields, origin - mean, spacing)
+            fields, offset, spacing = held
+            field = self.field_at(fields, offset + mean, spacing, positions).reshape(*batch_shape, n, 3)
+            kicks = apply_field(before, field, p0c, species, length) - before
+        return particles + kicks

@@ -150,15 +150,17 @@ def test_lagged_kicks_are_pic_at_each_refresh_and_held_per_particle_between():
 
 def test_lagged_field_is_pic_at_each_refresh_and_interpolated_at_fresh_particles_between():
     """hold field (fresh particles every step): PIC's kick at a refresh; between refreshes the held grid's field at
-    the new particles (the grid moved with their mean), 5.7 % rms off PIC on them (two draws' PIC noise on 16^3 cells),
-    with the held field's gradient in the positions (finite differences)."""
+    the new particles (the grid moved with their mean), 5.7 % rms off PIC on them (two draws' PIC noise on 16^3 cells)
+    and the refresh's field until the next refresh; no gradient."""
     from models.lagged import LaggedSpaceCharge
 
     pic = sim.SpaceCharge(**PIC)
-    lagged = LaggedSpaceCharge.lagging(pic, every=100, hold="field")
+    lagged = LaggedSpaceCharge.lagging(pic, every=3, hold="field")
     draw = torch.Generator().manual_seed(1)
     beam = lambda: torch.randn(20000, 6, generator=draw, dtype=torch.float64) * torch.tensor(RMS).double()  # noqa: E731
     kick = lambda sc, p: sc.kick(p, 5e6, "electron", 1e-11, 0.25)  # noqa: E731
+    dp = lambda a, b: (a - b)[..., 1]  # noqa: E731
+    off = lambda a, b: (a.square().mean() / b.square().mean()).sqrt()  # noqa: E731
     x, x2 = beam(), beam() + 1e-4  # x2: a fresh draw, the bunch moved by 100 um
     lagged.start_step()  # a refresh
     torch.testing.assert_close(kick(lagged, x), kick(pic, x), rtol=1e-12, atol=1e-18)
@@ -168,22 +170,17 @@ def test_lagged_field_is_pic_at_each_refresh_and_interpolated_at_fresh_particles
     held = kick(lagged, x_grad)
     (gradient,) = torch.autograd.grad(held[..., 1].sum(), x_grad)
     lagged.end_step()
-    dp = lambda a, b: (a - b)[..., 1]  # noqa: E731
-    error = (dp(held.detach(), kick(pic, x2)).square().mean() / dp(kick(pic, x2), x2).square().mean()).sqrt()
+    torch.testing.assert_close(gradient[..., 1], torch.ones(20000, dtype=torch.float64))  # no graph through the kick
+    assert gradient[..., [0, 2, 3, 4, 5]].abs().max() == 0
+    error = off(dp(held.detach(), kick(pic, x2)), dp(kick(pic, x2), x2))
     print(f"held field at fresh particles: {100 * error:.2f} % rms off PIC on them")
-    assert 0 < error < 0.08 and dp(held.detach(), x2).std() > 0.5 * dp(kick(pic, x2), x2).std(), error
-    for i in range(3):  # the gradient is the held field's (finite differences, the other particles fixed)
-        moved = x2.clone()
-        moved[i, 0] += 1e-9
-        kicks = []
-        for particles in (moved, x2):  # one call a step: a step's second call is the next slice
-            lagged.start_step()
-            kicks.append(kick(lagged, particles)[..., 1])
-            lagged.end_step()
-        fd = (kicks[0] - kicks[1]).sum() / 1e-9
-        torch.testing.assert_close(gradient[i, 0], fd, rtol=1e-4, atol=1e-6)
-    core = (x2[:, 0] - x2[:, 0].mean()).abs() < RMS[0] / 3
-    assert gradient[core, 0].mean() > 0 > gradient[~core, 0].mean()  # the core defocused, the tails less
+    assert 0 < error < 0.08, error
+    x3 = beam() * 0.8  # a bunch 20 % smaller in x, y, z: its own field 1 / 0.8^2 stronger at the same place
+    lagged.start_step()  # step 3: the refresh's field still (in the core 0.8 / (1 / 0.8^2) = 0.51 of PIC's)
+    assert off(dp(kick(lagged, x3), x3), dp(kick(pic, x3), x3)) < 0.75
+    lagged.end_step()
+    lagged.start_step()  # step 4: a refresh
+    torch.testing.assert_close(kick(lagged, x3), kick(pic, x3), rtol=1e-12, atol=1e-18)
     with pytest.raises(ValueError, match="hold field needs the PIC solver"):
         LaggedSpaceCharge(2, solver=sim.GaussianSpaceCharge(max_step=0.25), hold="field")
 
