@@ -423,3 +423,37 @@ def test_fresh_quasi_random_samples_stop_the_fit_copying_the_scans_shot_noise(tm
                                     truth / truth.sum((-2, -1), keepdim=True), "l1").item()
     print(mismatch)  # shown with pytest -s
     assert mismatch["fresh"] < 0.9 * mismatch["fixed"], mismatch
+
+
+def test_report_particles_is_the_beam_of_beam_h5_the_report_and_predict(tmp_path, capsys):
+    """model.report_particles N: beam.h5 holds a draw of N (not the generator's own samples), emittances.json is of
+    those particles, and `psr predict` gives that beam by default; a bad count ends the fit with one line."""
+    import json
+
+    from psr.cli import fit_cli, main
+    from psr.data.emittances import PLANES_4D, emittance_table
+    from psr.data.openpmd import read_openpmd
+
+    cli = fit_cli(args=["fit", "--config", "configs/quad_scan_4d.yaml", "--data.steps_per_epoch=5", "--trainer.max_epochs=1",
+                        "--model.generator.init_args.n_particles=1000", "--model.report_particles=3000",
+                        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    run = cli.trainer.log_dir
+    beam = read_openpmd(f"{run}/beam.h5").particles
+    assert beam.shape == (3000, 6)
+    own = cli.model.generator().detach().double().numpy()  # the 1000 samples it trained its validation on
+    report = json.loads(open(f"{run}/emittances.json").read())
+    scan = read_scan("data/quad_scan_4d.h5")
+    table = emittance_table(beam, scan.p0c, scan.species, PLANES_4D)
+    assert report["norm_emit_x"]["reconstructed"] == pytest.approx(table["norm_emit_x"], rel=1e-6)
+    assert emittance_table(own, scan.p0c, scan.species, PLANES_4D)["norm_emit_x"] != pytest.approx(table["norm_emit_x"], rel=1e-6)
+    settings = tmp_path / "table.csv"
+    settings.write_text(f"Q1.k1\n{scan.settings[0, 0]}\n")
+    main(["predict", "--run", run, "--settings", str(settings), "--output", str(tmp_path / "out")])
+    np.testing.assert_allclose(read_openpmd(tmp_path / "out" / "row_0.h5").particles, beam, rtol=1e-6, atol=1e-12)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "configs/quad_scan_4d.yaml", "--model.report_particles=1",
+              f"--trainer.logger.init_args.save_dir={tmp_path / 'bad'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and "model.report_particles" in lines[0], lines
+    assert not list((tmp_path / "bad").rglob("version_*"))

@@ -74,8 +74,9 @@ def range_warnings(model, names: list[str], values: np.ndarray) -> list[str]:
 def predict(run: str, settings: str, output: str, n_particles: int | None = None) -> tuple[Path, list[str]]:
     """Write <output>/row_<i>.h5 (openPMD beam at row i) and <output>/images.h5 (per screen (R, H, W) unit-sum
     images, with the settings table) for every row of the settings table. Returns the folder and the warnings.
-    n_particles None: the fit's own samples (the beam its report's emittances are of); another count draws fresh
-    base samples, whose tails the fit never saw (4D strong S: rms x of fresh 20k draws up to 5 % off the fit's)."""
+    n_particles None: the beam its report's emittances are of (the fit's own samples, or a draw of
+    `model.report_particles`); another count draws fresh base samples, whose tails a fit on fixed samples never saw
+    (4D strong S: rms x of fresh 20k draws up to 5 % off the fit's)."""
     model, checkpoint = load_trained(run)
     names, values = read_settings_table(settings)
     check_columns(model, names, settings)
@@ -83,7 +84,7 @@ def predict(run: str, settings: str, output: str, n_particles: int | None = None
     out = Path(output)
     check_output_folder(out, "--output")
     columns = {name: torch.as_tensor(values[:, i], dtype=torch.float32) for i, name in enumerate(names)}
-    beam, images = model.predict_at(columns, n_particles)
+    beam, images = model.predict_at(columns, n_particles or model.hparams.get("report_particles"))
     particles = beam.particles.double().cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     scan = type("Reference", (), {"p0c": model.p0c, "species": model.species, "charge": model.charge})()

@@ -106,7 +106,7 @@ def model_check(model, scan, rows: dict) -> tuple[str, dict] | None:
     surrogate = bool(model.hparams.get("replace")) and scan.charge > 0 and model.lattice.space_charge is None
     if getattr(model, "upstream", None) or not (pic or surrogate):
         return None
-    beam = model.beam()
+    beam = model.report_beam()
     keep = torch.as_tensor(physical_mask(beam.particles.detach().to(torch.float64).cpu().numpy()), device=beam.particles.device)
     # the particles of beam.h5 with the scan's charge (a fit without PIC tracks a beam of charge 0)
     beam = sim.ParticleBeam(beam.particles[keep], scan.p0c, scan.species, scan.charge)
@@ -164,7 +164,7 @@ def write_report(model, datamodule, run_dir) -> dict:
     remove_stale_temporaries(run_dir)
     scan = datamodule.scan
     model.eval()
-    beam = model.beam()
+    beam = model.report_beam()
     particles = beam.particles.detach().to(torch.float64).cpu().numpy()
     notes, keep = write_beam(run_dir / "beam.h5", particles, scan)
     particles = particles[keep]

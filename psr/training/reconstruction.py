@@ -87,7 +87,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
     k > 1 computes the kicks every k-th training step and holds each particle's kicks in between
     (`models.lagged`: the fit lands where PIC fits the images at about the cost of tracking without it), or, for
     a generator that draws fresh particles every step (resample), PIC's field grid, interpolated at each step's
-    particles (the PIC solver only); 1: every step. Without space charge it has no effect.
+    particles (the PIC solver only); 1: every step. Without space charge it has no effect. report_particles: the
+    particles of beam.h5, the report (emittances, plots) and `psr predict`'s default beam: None, the generator's
+    own samples; N, a draw of N (for a generator trained on fresh draws every step its own samples are one draw
+    like any other, and the reported emittance is then that of the network's distribution, not of one draw's tail).
 
     Maximum entropy (MENT-Flow's penalty method, Hoover & Wong, Phys. Rev. Research 6, 033163 (2024)):
     with `entropy_penalty` = mu (> 0) the objective is -H[rho, prior] + mu * D, D the image mismatch
@@ -124,8 +127,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  moment_kurtosis: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
                  calibration_prior_weight: float = 0.01, calibration_start: str = "init",
                  replace: list[dict] | None = None, init_from: str | None = None, space_charge_every: int = 1,
-                 moment_start: float = 0.0):
+                 moment_start: float = 0.0, report_particles: int | None = None):
         super().__init__()
+        if report_particles is not None and not (isinstance(report_particles, int) and not isinstance(report_particles, bool)
+                                                 and report_particles >= 2):
+            raise ValueError(f"model.report_particles must be a whole number of particles >= 2 or null, got {report_particles!r}")
         if calibrate is not None and not isinstance(calibrate, dict):
             raise ValueError(f"model.calibrate must be a mapping from '<element>.<parameter>' to {{kind: scale | offset, "
                              f"init: ...}}, got {calibrate!r}")
@@ -279,6 +285,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if self.auto_prior and not bool(self.prior_derived):
             derive_auto_prior(self, self.trainer.datamodule)
             self.prior_derived.fill_(True)
+
+    def report_beam(self) -> sim.ParticleBeam:
+        """The beam of beam.h5 and the report (`report_particles`; at the centre of a conditional model's range)."""
+        return self.beam(self.hparams.get("report_particles"))
 
     def beam(self, n_particles: int | None = None) -> sim.ParticleBeam:
         """The current reconstructed beam (of a conditional model: at the centre of its training range)."""
