@@ -213,8 +213,9 @@ def test_nan_loss_stops_at_once_and_reports_from_the_last_good_checkpoint(setup,
     code, out, err = run_main(capsys, small_fit(folder / "scan.h5", tmp_path, "--checkpoint.every_n_train_steps=10"))
     run = tmp_path / "quad_scan_4d" / "version_0"
     assert code == 2 and len(err.splitlines()) == 1, err
+    lr = yaml.safe_load(open("configs/quad_scan_4d.yaml"))["model"]["lr"]  # the shipped config's
     assert err.startswith("psr fit: error: step 26: the loss is nan; likely cause: the learning rate is too large "
-                          "(model.lr=0.01"), err
+                          f"(model.lr={lr:g}"), err
     assert err.endswith(f"the report is written from the last good checkpoint {run / 'checkpoints' / 'last.ckpt'} "
                         "(step 20)"), err
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
