@@ -284,8 +284,9 @@ one column per setting (upstream settings of a conditional beam model, and any '
 the lattice; a scanned setting left out keeps the lattice's value). Writes <folder>/row_<i>.h5 (the beam at
 row i, openPMD) and <folder>/images.h5 (screens/<NAME>: (rows, H, W) unit-sum images; settings: the table).
 Upstream values outside the range the model was trained on are predicted with a warning. Without
---n_particles each beam is the fit's own particles (those its report's emittances are of); with it, N fresh
-ones (their tails were never fitted: their emittances can differ from the report's by a few percent)."""
+--n_particles each beam is the one its report's emittances are of (the fit's own particles, or a draw of
+model.report_particles); with it, N fresh ones (for a fit on fixed samples their tails were never fitted: their
+emittances can differ from the report's by a few percent)."""
 
 
 def predict_cli(args: list[str]) -> None:
