@@ -128,11 +128,16 @@ class SpaceCharge:
         weight = charge / positions.shape[-2]
         if self.checkpoint:
             return _LeanField.apply(positions, origin, spacing, kernels, weight, self.grid_shape, self.extent)
+        g, fields = self._grid_fields(positions, origin, spacing, kernels, weight)
+        return _Gather.apply(fields, g)
+
+    def _grid_fields(self, positions, origin, spacing, kernels, weight: float):
+        """The particles' grid coordinates (B, N, 3) and the fields (B, 3, nx, ny, nz) [V/m] of their charge
+        (each `weight` [C]) on the grids of origin and cell sizes (B, 3) [m]."""
         g = _grid_coordinates(positions, origin, spacing, self.grid_shape, self.extent)
         rho = _Deposit.apply(g, weight, self.grid_shape, positions.shape[0])  # (B, nx, ny, nz) [C]
         rho = rho / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
-        fields = _solve(rho, _stack(kernels), self.grid_shape)  # (B, 3, nx, ny, nz) [V/m]
-        return _Gather.apply(fields, g)
+        return g, _solve(rho, _stack(kernels), self.grid_shape)
 
     def rest_positions(self, particles: torch.Tensor, p0c, species) -> torch.Tensor:
         """Rest-frame positions (B, N, 3) [m] (x, y, gamma z) of particles (B, N, 6)."""
@@ -148,11 +153,8 @@ class SpaceCharge:
         origins (B, 3) [m] and cell sizes (B, 3) [m]. `field_at` interpolates it (at these positions: `field`'s)."""
         origin, spacing, keys = self._grid(positions)
         kernels = self._kernel_ffts(keys, spacing, positions)
-        g = _grid_coordinates(positions, origin, spacing, self.grid_shape, self.extent)
-        corners, f = _cells(g, self.grid_shape, positions.shape[0])
-        rho = _deposit(corners, f, charge / positions.shape[-2], positions.shape[0] * math.prod(self.grid_shape), g)
-        rho = rho.view(-1, *self.grid_shape) / spacing.prod(-1).reshape(-1, 1, 1, 1)  # C / m^3
-        return _solve(rho, _stack(kernels), self.grid_shape), origin, spacing
+        _, fields = self._grid_fields(positions, origin, spacing, kernels, charge / positions.shape[-2])
+        return fields, origin, spacing
 
     def field_at(self, fields: torch.Tensor, origin: torch.Tensor, spacing: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:

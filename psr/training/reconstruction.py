@@ -62,6 +62,11 @@ def image_loss(predicted: torch.Tensor, measured: torch.Tensor, kind: str, pyram
     return per_image.mean() / len(levels)
 
 
+def draws_fresh_particles(generator: nn.Module) -> bool:
+    """Whether a generator gives other particles every training step (resample, or no fixed base samples)."""
+    return not hasattr(generator, "base_samples") or bool(getattr(generator, "resample", False))
+
+
 MOMENT_RAMP = 0.1  # the moment term rises to its weight over this fraction of the training steps
 
 
@@ -182,7 +187,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
             prior.requires_grad_(False)
         corrected = [f"model.replace[{i}].correct" for i, entry in enumerate(replace or [])
                      if isinstance(entry, dict) and entry.get("correct") is not None]
-        fresh = not hasattr(generator, "base_samples") or getattr(generator, "resample", False)
+        fresh = draws_fresh_particles(generator)
         pic = isinstance(space_charge, dict) and space_charge.get("solver", "pic") == "pic"
         if space_charge_every > 1 and space_charge is not None and not (fresh and pic):
             corrected.insert(0, f"model.space_charge_every {space_charge_every}")  # fresh particles: the field is held
@@ -212,10 +217,6 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.scan_summary: dict | None = None  # what `psr predict` needs of the scan file (saved with checkpoints)
         self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
 
-    def _fresh_particles(self) -> bool:
-        """Whether the generator gives other particles every training step (resample, or no fixed base samples)."""
-        return not hasattr(self.generator, "base_samples") or bool(getattr(self.generator, "resample", False))
-
     def configure_scan(self, scan) -> None:
         """Take the lattice, reference and setting names from a scan file (`psr.data.scanfile.ScanData`)."""
         items = [dict(item) for item in scan.lattice]
@@ -236,7 +237,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         checkpoint, so a trained run predicts without its scan file: `psr predict`)."""
         space_charge = sim.SpaceCharge.from_config(self.hparams.space_charge, "model.space_charge")
         if space_charge is not None and self.hparams.get("space_charge_every", 1) > 1:
-            hold = "field" if self._fresh_particles() else "kicks"
+            hold = "field" if draws_fresh_particles(self.generator) else "kicks"
             space_charge = LaggedSpaceCharge.lagging(space_charge, self.hparams.space_charge_every, hold)
         self.lattice = build_lattice(summary["lattice"], summary.get("folder"), space_charge).to(self.device)
         # neural elements (a surrogate from model.replace, or in the scan's lattice) are fixed physics in a fit: the
