@@ -395,6 +395,9 @@ def print_ensemble_summary(folder: Path) -> None:
         if "band_2std_with_model" in row:
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
                   f"{row['corrected_mean']:.4e}, band {_band(row, 'band_2std_with_model', 'truth_in_band_with_model')}")
+        if "band_2std_with_method" in row:
+            print(f"  with the method's own error on hard beams (+- {100 * row['method_error']:g} %, in quadrature): "
+                  f"{_band(row, 'band_2std_with_method', 'truth_in_band_with_method')}")
         if "band_95" in row:
             spread = 100 * row["band_95_factor"] * row["std"] / row["mean"]
             print(f"  95 % band ({summary['members']} members: +- {row['band_95_factor']:.2f} std"
