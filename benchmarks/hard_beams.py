@@ -37,7 +37,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from psr.outputs.ensemble_summary import METHOD_ERROR, prediction_factor  # noqa: E402
+from psr.outputs.ensemble_summary import add_method_error, prediction_factor  # noqa: E402
 
 # hard-beam options added to each beamline's shipped beam (SyntheticBeam init_args)
 FAMILY = {
@@ -247,10 +247,12 @@ def coverage(results: list[dict]) -> None:
             holds = low - factor * std <= 0 <= high + factor * std
             held_95 += holds
             cell += f"; 95 % band +- {factor * std:.2f} % {'holds' if holds else 'MISSES'}"
-            half = 2 * np.hypot(std, METHOD_ERROR["core90" if key.endswith("core90") else "rms"] * (100 + mean))
-            holds = abs(mean) <= half
+            method = {"mean": 100 + mean, "std": std, "true": 100.0}  # psr ensemble's row, in % of the truth
+            add_method_error(key, method)
+            holds = method["truth_in_band_with_method"]
             held_method += holds
-            cell += f"; with the method's error +- {half:.2f} % {'holds' if holds else 'MISSES'}"
+            cell += (f"; with the method's error +- {method['band_2std_with_method'][1] - method['mean']:.2f} % "
+                     f"{'holds' if holds else 'MISSES'}")
             cells.append(cell)
         for key in ("l1_train", "l1_held_out", "l1_clean_train", "l1_clean_held_out"):
             if all(key in row for row in rows):
