@@ -389,8 +389,10 @@ def print_ensemble_summary(folder: Path) -> None:
     for key, row in summary["emittances"].items():
         if "band_2std" not in row:
             continue
-        note = "" if row["determined"] else (f"; not determined by these data (members scatter by more than "
-                                             f"{100 * UNDETERMINED_SPREAD:g} %)")
+        note = "" if row["determined"] else (
+            "; not determined by this scan (its images fix too few of the beam's second moments)"
+            if row.get("determined_by_scan") is False else
+            f"; not determined by these data (members scatter by more than {100 * UNDETERMINED_SPREAD:g} %)")
         print(f"{key}: mean +- 2 std = {_band(row, 'band_2std', 'truth_in_band')}{note}")
         if "band_2std_with_model" in row:
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "

@@ -1,5 +1,6 @@
 """Ensembles: members with different seeds, their mean and spread, and the spread shrinking when the
-scan has more settings (an under-determined 2-setting scan against a 7-setting one)."""
+scan has more settings (an under-determined 2-setting scan against a 7-setting one), and which emittances a scan
+cannot determine at all."""
 
 import json
 
@@ -73,17 +74,23 @@ def test_ensemble_writes_members_summary_and_plots(ensembles):
         assert (folder / name).stat().st_size > 10_000, name
 
 
-def test_ensemble_spread_shrinks_with_more_settings(ensembles):
+def test_ensemble_says_which_emittances_the_scan_cannot_determine(ensembles):
+    """Two settings give each plane two of the three equations its second moments need: those emittances are
+    reported not determined whatever the members' spread (measured: y members +55 / +57 / +57 % off the truth,
+    spread 0.6 %, which the spread test alone called determined); seven settings determine x and y, and a single
+    quadrupole never the 4D emittance (README "Hard beams")."""
     few, many = (json.loads((ensembles[t] / "ensemble_emittances.json").read_text()) for t in ("few", "many"))
     print("\nrelative std of the emittances (few -> many settings):",
           {k: (round(few["emittances"][k]["relative_std"], 4), round(many["emittances"][k]["relative_std"], 4))
            for k in few["emittances"]},
           "mean projection spread:", few["mean_projection_spread"], "->", many["mean_projection_spread"])
-    # 3 members give the std to ~50 %: each plane's spread must shrink, and their mean at least halve
-    spread = {tag: [s["emittances"][k]["relative_std"] for k in ("norm_emit_x", "norm_emit_y")]
-              for tag, s in (("few", few), ("many", many))}
-    assert all(m < f for m, f in zip(spread["many"], spread["few"])), spread
-    assert np.mean(spread["many"]) < 0.5 * np.mean(spread["few"]), spread
+    for key in ("norm_emit_x", "norm_emit_y", "norm_emit_x_core90", "norm_emit_y_core90", "norm_emit_4d"):
+        assert few["emittances"][key]["determined_by_scan"] is False and few["emittances"][key]["determined"] is False
+        assert many["emittances"][key]["determined_by_scan"] is (key != "norm_emit_4d"), key
+    for key in ("norm_emit_x", "norm_emit_y"):  # the determined ones land on the truth
+        assert abs(many["emittances"][key]["mean_relative_error"]) < 0.05, many["emittances"][key]
+    member = json.loads((ensembles["many"] / "member_0" / "emittances.json").read_text())
+    assert member["norm_emit_x"]["determined_by_scan"] is True and member["norm_emit_4d"]["determined_by_scan"] is False
     assert many["mean_projection_spread"] < few["mean_projection_spread"]
 
 

@@ -14,6 +14,7 @@ from psr.outputs.entropy import knn_entropy
 from psr.data.atomic import atomic_target, remove_stale_temporaries
 from psr.data.openpmd import physical_mask, write_openpmd
 from psr.outputs.plots import plot_images, plot_loss, plot_phase_space
+from psr.outputs.scan_determination import scan_determines
 from psr.data.lattices import build_lattice
 from psr.outputs.space_charge_check import (SURROGATE_REFERENCE, compare_to_reference, describe, describe_surrogate,
                                              emittance_plane, reference_info, space_charge_check)
@@ -39,7 +40,8 @@ def format_emittances(rows: dict) -> str:
         err = f"{100 * row['relative_error']:+7.2f}%" if "relative_error" in row else f"{'-':>8s}"
         if "difference_nats" in row:
             err = f"{row['difference_nats']:+5.2f}nat"
-        lines.append(f"{key:20s} {row['reconstructed']:14.4e} {true} {err}")
+        note = "  not determined by this scan" if row.get("determined_by_scan") is False else ""
+        lines.append(f"{key:20s} {row['reconstructed']:14.4e} {true} {err}{note}")
     return "\n".join(lines)
 
 
@@ -93,6 +95,18 @@ def write_beam(path: Path, particles: np.ndarray, scan) -> tuple[dict, np.ndarra
                                                  f"nominal total charge of {NOMINAL_CHARGE:g} C")
             notes["nominal_charge_C"] = NOMINAL_CHARGE
     return notes, keep
+
+
+def determined_by_scan(model, datamodule) -> dict[str, bool]:
+    """`psr.outputs.scan_determination.scan_determines` for the images the fit trained on ({} for conditional
+    models, whose beam changes with the upstream settings)."""
+    if getattr(model, "upstream", None):
+        return {}
+    train = torch.zeros(len(datamodule.settings), dtype=torch.bool)
+    train[torch.as_tensor(datamodule.train_index, dtype=torch.long)] = True
+    taken = {name: flags.cpu().bool() & train for name, flags in datamodule.measured.items()}
+    return scan_determines(model.lattice, list(model.setting_names), datamodule.settings.double(), taken,
+                           datamodule.scan.p0c, datamodule.scan.species, getattr(model.generator, "n_dim", 6))
 
 
 def model_check(model, scan, rows: dict) -> tuple[str, dict] | None:
@@ -176,6 +190,11 @@ def write_report(model, datamodule, run_dir) -> dict:
     if scan.ground_truth is not None:
         truth = emittance_table(scan.ground_truth, scan.p0c, scan.species, planes)
     rows = compare_emittances(recon, truth)
+    try:  # a check must never cost the fit its report
+        for key, fixed in determined_by_scan(model, datamodule).items():
+            rows[key]["determined_by_scan"] = fixed
+    except (RuntimeError, ValueError) as err:
+        rows["determined_by_scan_failed"] = f"{type(err).__name__}: {err}"[:500]
     rows["entropy_nats"] = entropy_row(model, particles, scan.ground_truth, planes)
     rows.update(notes)
     try:  # a check must never cost the fit its report
