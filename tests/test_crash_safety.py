@@ -247,7 +247,7 @@ def test_report_drops_unphysical_particles_and_gives_a_charge_0_scan_a_nominal_c
     from beamphysics import ParticleGroup
 
     from psr.data.datamodule import ScanDataModule
-    from psr.outputs.report import report_notes, write_report
+    from psr.outputs.report import format_emittances, report_notes, write_report
     from psr.training.reconstruction import PhaseSpaceReconstruction
 
     scan = make_scan(tmp_path, charge)
@@ -266,6 +266,9 @@ def test_report_drops_unphysical_particles_and_gives_a_charge_0_scan_a_nominal_c
     rows = write_report(model, data, tmp_path / "run")
 
     assert rows["dropped_particles"] == {"count": 5, "fraction": pytest.approx(5 / 4005)}
+    # 3 training settings (of 6) fix x and y; one quadrupole not the 4D emittance
+    assert [rows[k]["determined_by_scan"] for k in ("norm_emit_x", "norm_emit_y_core90", "norm_emit_4d")] == [True, True, False]
+    assert "not determined by this scan" in format_emittances(rows).splitlines()[-2]  # the 4D row, before the entropy
     notes = report_notes(rows)
     assert "dropped 5 unphysical particle(s)" in notes[0]
     saved = json.loads((tmp_path / "run" / "emittances.json").read_text())
@@ -289,3 +292,23 @@ def test_report_drops_unphysical_particles_and_gives_a_charge_0_scan_a_nominal_c
         assert "nominal charge of 1 pC" in notes[1]
     else:
         assert "nominal_charge_C" not in saved and group.charge == pytest.approx(charge)
+
+
+def test_a_failing_determination_check_never_costs_the_report(tmp_path, monkeypatch):
+    from psr.data.datamodule import ScanDataModule
+    from psr.outputs import report
+    from psr.training.reconstruction import PhaseSpaceReconstruction
+
+    def broken(*args, **kwargs):
+        raise KeyError("no map")
+
+    monkeypatch.setattr(report, "scan_determines", broken)
+    data = ScanDataModule(str(make_scan(tmp_path, 0.0)))
+    data.setup()
+    particles = torch.randn(2000, 6, generator=torch.Generator().manual_seed(2)) * 1e-4
+    model = PhaseSpaceReconstruction(FixedBeam(particles))
+    model.configure_scan(data.scan)
+    report.write_report(model, data, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "emittances.json").read_text())
+    assert saved["determined_by_scan_failed"] == "KeyError: 'no map'"
+    assert "determined_by_scan" not in saved["norm_emit_x"] and (tmp_path / "run" / "beam.h5").exists()
