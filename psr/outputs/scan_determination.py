@@ -17,7 +17,8 @@ from psr.training.prior import RCOND, screen_maps
 PLANE_COORDINATES = {"x": (0, 1), "y": (2, 3), "z": (4, 5)}
 # RCOND (as the auto prior's): singular values below this fraction of the largest are directions the equations do
 # not fix. A thick quadrupole's 4D emittance is fixed in exact arithmetic only: the shipped example's 16 settings
-# give it a singular value 1.3e-6 of the largest (every other above 0.19), far below what image moments resolve.
+# give it a singular value 1.3e-6 of the largest (every other above 0.19; its 8 training settings 1.1e-6), far
+# below what image moments resolve.
 TOLERANCE = 1e-4  # an entry whose unit vector leaves more than this outside the row space is not fixed
 
 
