@@ -12,7 +12,7 @@ x-y coupling, and with it the 4D emittance, undetermined (README "Hard beams").
 
 import torch
 
-from psr.training.prior import RCOND, screen_maps
+from psr.training.prior import RCOND, covariance_coefficients, covariance_pairs, screen_maps
 
 PLANE_COORDINATES = {"x": (0, 1), "y": (2, 3), "z": (4, 5)}
 # RCOND (as the auto prior's): singular values below this fraction of the largest are directions the equations do
@@ -25,12 +25,7 @@ TOLERANCE = 1e-4  # an entry whose unit vector leaves more than this outside the
 def covariance_equations(maps: torch.Tensor, n_dim: int) -> torch.Tensor:
     """(3 K, n_dim (n_dim + 1) / 2) coefficients of the covariance entries Sigma_ij (i <= j) in the xx, xy and yy
     second moments of K images with first-order maps (K, 2, n_dim), each row of unit length."""
-    pairs = [(i, j) for i in range(n_dim) for j in range(i, n_dim)]
-    rows = []
-    for p, q in ((0, 0), (0, 1), (1, 1)):
-        rows.append(torch.stack([maps[:, p, i] * maps[:, q, j] + (maps[:, p, j] * maps[:, q, i] if i != j else 0)
-                                 for i, j in pairs], -1))
-    rows = torch.cat(rows)
+    rows = torch.cat(covariance_coefficients(maps))
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
@@ -41,7 +36,7 @@ def determined_entries(equations: torch.Tensor, n_dim: int) -> torch.Tensor:
         return fixed
     _, singular, vh = torch.linalg.svd(equations, full_matrices=False)
     basis = vh[singular > RCOND * singular.max()]  # the row space
-    pairs = [(i, j) for i in range(n_dim) for j in range(i, n_dim)]
+    pairs = covariance_pairs(n_dim)
     for index, (i, j) in enumerate(pairs):
         unit = torch.zeros(len(pairs), dtype=equations.dtype)
         unit[index] = 1.0

@@ -66,6 +66,19 @@ def screen_maps(lattice: sim.Lattice, names: list[str], settings: torch.Tensor, 
     return maps
 
 
+def covariance_pairs(n_dim: int) -> list[tuple[int, int]]:
+    """The covariance entries (i, j), i <= j, in the order of `covariance_coefficients`' columns."""
+    return [(i, j) for i in range(n_dim) for j in range(i, n_dim)]
+
+
+def covariance_coefficients(maps: torch.Tensor) -> list[torch.Tensor]:
+    """The xx, xy and yy second moments of K images with first-order maps (K, 2, n_dim) as linear functions of
+    the beam's covariance entries Sigma_ij (i <= j, `covariance_pairs`): three (K, n_dim (n_dim + 1) / 2)."""
+    pairs = covariance_pairs(maps.shape[-1])
+    return [torch.stack([maps[:, p, i] * maps[:, q, j] + (maps[:, p, j] * maps[:, q, i] if i != j else 0)
+                         for i, j in pairs], -1) for p, q in ((0, 0), (0, 1), (1, 1))]
+
+
 def image_moments(images: torch.Tensor, screen: Screen) -> tuple[torch.Tensor, torch.Tensor]:
     """Centroids (B, 2) relative to the screen centre [m] and covariances (B, 2, 2) [m^2] of unit-sum
     images (B, H, W), without their flat background (`without_background`)."""
@@ -103,11 +116,11 @@ def fit_second_moments(lattice: sim.Lattice, names: list[str], settings: torch.T
     mean_rows = (a / weight[..., None]).reshape(-1, n_dim)
     mean_target = ((m - b) / weight).reshape(-1)
     mean = torch.linalg.lstsq(mean_rows, mean_target[:, None], rcond=RCOND, driver="gelsd").solution[:, 0]
-    pairs = [(i, j) for i in range(n_dim) for j in range(i, n_dim)]
+    pairs = covariance_pairs(n_dim)
     design, target = [], []
-    for p, q, w in ((0, 0, variance[:, 0]), (0, 1, weight.prod(-1)), (1, 1, variance[:, 1])):
-        design.append(torch.stack([(a[:, p, i] * a[:, q, j] + (a[:, p, j] * a[:, q, i] if i != j else 0)) / w
-                                   for i, j in pairs], -1))
+    for (p, q, w), coefficients in zip(((0, 0, variance[:, 0]), (0, 1, weight.prod(-1)), (1, 1, variance[:, 1])),
+                                       covariance_coefficients(a)):
+        design.append(coefficients / w[:, None])
         guess = (a[:, p] * a[:, q]).sum(-1)  # the isotropic normalized guess Sigma = 1
         target.append((c[:, p, q] - guess) / w)
     correction = torch.linalg.lstsq(torch.cat(design), torch.cat(target)[:, None], rcond=RCOND, driver="gelsd").solution[:, 0]
