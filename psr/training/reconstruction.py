@@ -82,7 +82,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
     weight over the next tenth of them), so the images shape the core before the moments ask for tails (an
     S-shaped beam's image l1 0.048 instead of 0.055 at the same emittances); moment_kurtosis:
     that term also compares the kurtosis of each image's x and y projections (the tails' shape, which
-    decides core emittances: a hollow beam's came out 6-8 % low without it); pyramid: coarser
+    decides core emittances: a hollow beam's came out 6-8 % low without it); moment_mean_abs: it also compares
+    their mean absolute deviation over rms size (`psr.training.moments.projection_mean_abs`: the shape with far less
+    of the far particles' noise); pyramid: coarser
     levels of the image comparison (`image_loss`). The lattice, p0c and species come
     from the data module's scan file at setup. tracking: per-element tracking methods that replace
     the scan file's, e.g. {"B1": "linear", "TDC": "linear"} to model the beamline with its
@@ -129,7 +131,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
-                 moment_kurtosis: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
+                 moment_kurtosis: bool = False, moment_mean_abs: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
                  calibration_prior_weight: float = 0.01, calibration_start: str = "init",
                  replace: list[dict] | None = None, init_from: str | None = None, space_charge_every: int = 1,
                  moment_start: float = 0.0, report_particles: int | None = None):
@@ -150,6 +152,9 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if not isinstance(moment_kurtosis, bool) or (moment_kurtosis and not moment_weight):
             raise ValueError(f"model.moment_kurtosis must be true or false and, when true, needs model.moment_weight > 0 "
                              f"(it is part of the moment term), got {moment_kurtosis!r} with weight {moment_weight!r}")
+        if not isinstance(moment_mean_abs, bool) or (moment_mean_abs and not moment_weight):
+            raise ValueError(f"model.moment_mean_abs must be true or false and, when true, needs model.moment_weight > 0 "
+                             f"(it is part of the moment term), got {moment_mean_abs!r} with weight {moment_weight!r}")
         if not (isinstance(pyramid, int) and 0 <= pyramid <= 8):
             raise ValueError(f"model.pyramid must be an integer from 0 to 8, got {pyramid!r}")
         if loss not in LOSSES:
@@ -403,7 +408,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         weight = self.hparams.get("moment_weight", 0.0) * self._moment_factor()
         if weight:
             mean = mean + weight * moment_mismatch(
-                predicted, measured, centroids=name not in self.centred, kurtosis=self.hparams.get("moment_kurtosis", False))
+                predicted, measured, centroids=name not in self.centred, kurtosis=self.hparams.get("moment_kurtosis", False),
+                mean_abs=self.hparams.get("moment_mean_abs", False))
         return mean
 
     def _moment_factor(self) -> float:
