@@ -28,8 +28,8 @@ BAND_CONFIDENCE = 0.95  # band_95: Student-t prediction interval of the members 
 # over the beams of benchmarks/hard_beams.py's 4D and 5 MeV families (S-shapes, halo, hollow, px tail; shipped 4D
 # config, six seeds a beam) of each beam's six-seed mean error, of the x, y rms emittances and of their 90 % cores:
 # 0.14 % and 0.60 % (stop 40, with the projections' mean absolute deviation; stop 39, without it, 0.13 / 0.88 %;
-# with the kurtosis part, the 4D family alone, 0.19 / 0.79 %), rounded up. Measured without charge; a fit with PIC space charge has its model check's bias
-# besides (band_2std_with_model).
+# with the kurtosis part, the 4D family alone, 0.19 / 0.79 %), rounded up. Measured without charge; a fit with PIC
+# space charge has its model check's bias besides (band_2std_with_model).
 # band_2std_with_method: mean +- 2 sqrt(std^2 + (METHOD_ERROR * mean)^2).
 METHOD_ERROR = {"rms": 0.0025, "core90": 0.010}
 

@@ -131,7 +131,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
                  warmup_steps: int = 100, loss: str = "l1", tracking: dict[str, str] | None = None,
                  space_charge: dict | None = None, entropy_penalty: float | None = None,
                  prior: nn.Module | str | None = None, prior_width: float = 1.5, moment_weight: float = 0.0,
-                 moment_kurtosis: bool = False, moment_mean_abs: bool = False, pyramid: int = 0, calibrate: dict[str, dict] | None = None,
+                 moment_kurtosis: bool = False, moment_mean_abs: bool = False, pyramid: int = 0,
+                 calibrate: dict[str, dict] | None = None,
                  calibration_prior_weight: float = 0.01, calibration_start: str = "init",
                  replace: list[dict] | None = None, init_from: str | None = None, space_charge_every: int = 1,
                  moment_start: float = 0.0, report_particles: int | None = None):
@@ -149,12 +150,10 @@ class PhaseSpaceReconstruction(L.LightningModule):
         if not (isinstance(moment_start, (int, float)) and not isinstance(moment_start, bool) and 0 <= moment_start < 1):
             raise ValueError(f"model.moment_start must be a fraction of the training steps from 0 to below 1, "
                              f"got {moment_start!r}")
-        if not isinstance(moment_kurtosis, bool) or (moment_kurtosis and not moment_weight):
-            raise ValueError(f"model.moment_kurtosis must be true or false and, when true, needs model.moment_weight > 0 "
-                             f"(it is part of the moment term), got {moment_kurtosis!r} with weight {moment_weight!r}")
-        if not isinstance(moment_mean_abs, bool) or (moment_mean_abs and not moment_weight):
-            raise ValueError(f"model.moment_mean_abs must be true or false and, when true, needs model.moment_weight > 0 "
-                             f"(it is part of the moment term), got {moment_mean_abs!r} with weight {moment_weight!r}")
+        for option, value in (("moment_kurtosis", moment_kurtosis), ("moment_mean_abs", moment_mean_abs)):
+            if not isinstance(value, bool) or (value and not moment_weight):
+                raise ValueError(f"model.{option} must be true or false and, when true, needs model.moment_weight > 0 "
+                                 f"(it is part of the moment term), got {value!r} with weight {moment_weight!r}")
         if not (isinstance(pyramid, int) and 0 <= pyramid <= 8):
             raise ValueError(f"model.pyramid must be an integer from 0 to 8, got {pyramid!r}")
         if loss not in LOSSES:
@@ -408,8 +407,8 @@ class PhaseSpaceReconstruction(L.LightningModule):
         weight = self.hparams.get("moment_weight", 0.0) * self._moment_factor()
         if weight:
             mean = mean + weight * moment_mismatch(
-                predicted, measured, centroids=name not in self.centred, kurtosis=self.hparams.get("moment_kurtosis", False),
-                mean_abs=self.hparams.get("moment_mean_abs", False))
+                predicted, measured, centroids=name not in self.centred,
+                kurtosis=self.hparams.get("moment_kurtosis", False), mean_abs=self.hparams.get("moment_mean_abs", False))
         return mean
 
     def _moment_factor(self) -> float:
