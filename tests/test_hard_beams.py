@@ -500,3 +500,25 @@ def test_mean_abs_term_sees_the_shape_with_little_of_the_far_particles_noise():
     from psr.training.reconstruction import PhaseSpaceReconstruction
     with pytest.raises(ValueError, match="moment_mean_abs .* needs model.moment_weight > 0"):
         PhaseSpaceReconstruction(models.MLPBeamGenerator(n_particles=100), moment_mean_abs=True)
+
+
+def test_measured_moments_are_computed_once_and_give_the_same_mismatch():
+    """A fit's measured images are the same every step: their background cut and moments (MeasuredMoments) are
+    reused while the images are equal, recomputed when they differ or lack a shape part, and give the mismatch and
+    its gradient bit for bit."""
+    from psr.training.moments import MeasuredMoments
+    generator = torch.Generator().manual_seed(5)
+    measured = torch.rand(3, 40, 50, generator=generator) ** 8 + 0.01
+    predicted = (torch.rand(3, 40, 50, generator=generator) ** 8).requires_grad_()
+    cached = MeasuredMoments(measured, kurtosis=True, mean_abs=True)
+    direct = moment_mismatch(predicted, measured, kurtosis=True, mean_abs=True)
+    (grad_direct,) = torch.autograd.grad(direct, predicted)
+    reused = moment_mismatch(predicted, cached, kurtosis=True, mean_abs=True)
+    (grad_reused,) = torch.autograd.grad(reused, predicted)
+    assert reused.item() == direct.item() and torch.equal(grad_direct, grad_reused)
+    assert cached.matches(measured.clone(), kurtosis=True, mean_abs=False)
+    changed = measured.clone()
+    changed[1, 20, 25] += 1e-3
+    assert not cached.matches(changed, kurtosis=True, mean_abs=True)
+    assert not cached.matches(measured[:2], kurtosis=False, mean_abs=False)
+    assert not MeasuredMoments(measured).matches(measured, kurtosis=False, mean_abs=True)

@@ -15,7 +15,7 @@ from psr.data.lattices import build_lattice
 from psr.training.alignment import centre_on, centred_screens
 from psr.training.calibration import Calibration
 from psr.training.replace import replace_sections
-from psr.training.moments import moment_mismatch
+from psr.training.moments import MeasuredMoments, moment_mismatch
 from psr.training.prior import derive_auto_prior
 from psr.training.warm_start import load_generator_weights
 
@@ -220,6 +220,7 @@ class PhaseSpaceReconstruction(L.LightningModule):
         self.upstream: list[str] = []  # upstream settings (DESIGN.md "Conditional beams"): the generator's inputs
         self.scan_summary: dict | None = None  # what `psr predict` needs of the scan file (saved with checkpoints)
         self.centred: set[str] = set()  # screens centred at import (align: settings): centroids ignored
+        self._measured_moments: dict = {}  # (screen, training): MeasuredMoments of its measured images (moment term)
 
     def configure_scan(self, scan) -> None:
         """Take the lattice, reference and setting names from a scan file (`psr.data.scanfile.ScanData`)."""
@@ -406,9 +407,13 @@ class PhaseSpaceReconstruction(L.LightningModule):
         mean = image_loss(predicted, measured, self.hparams.loss, self.hparams.get("pyramid", 0))
         weight = self.hparams.get("moment_weight", 0.0) * self._moment_factor()
         if weight:
-            mean = mean + weight * moment_mismatch(
-                predicted, measured, centroids=name not in self.centred,
-                kurtosis=self.hparams.get("moment_kurtosis", False), mean_abs=self.hparams.get("moment_mean_abs", False))
+            kurtosis, mean_abs = self.hparams.get("moment_kurtosis", False), self.hparams.get("moment_mean_abs", False)
+            key = (name, self.training)  # training and validation images of a screen differ: one entry each
+            cached = self._measured_moments.get(key)
+            if cached is None or not cached.matches(measured, kurtosis, mean_abs):
+                cached = self._measured_moments[key] = MeasuredMoments(measured, kurtosis, mean_abs)
+            mean = mean + weight * moment_mismatch(predicted, cached, centroids=name not in self.centred,
+                                                   kurtosis=kurtosis, mean_abs=mean_abs)
         return mean
 
     def _moment_factor(self) -> float:
