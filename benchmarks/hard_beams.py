@@ -255,7 +255,7 @@ def coverage(results: list[dict]) -> None:
             held_95 += holds
             cell += f"; 95 % band +- {factor * std:.2f} % {'holds' if holds else 'MISSES'}"
             method = {"mean": 100 + mean, "std": std, "true": 100.0}  # psr ensemble's row, in % of the truth
-            add_method_error(key, method)
+            add_method_error(key, method, space_charge=all("space_charge_bias" in row for row in rows))
             holds = method["truth_in_band_with_method"]
             held_method += holds
             cell += (f"; with the method's error +- {method['band_2std_with_method'][1] - method['mean']:.2f} % "

@@ -398,7 +398,8 @@ def print_ensemble_summary(folder: Path) -> None:
             print(f"  with the space-charge model's bias {100 * row['space_charge_bias']:+.2f} %: corrected mean "
                   f"{row['corrected_mean']:.4e}, band {_band(row, 'band_2std_with_model', 'truth_in_band_with_model')}")
         if "band_2std_with_method" in row:
-            print(f"  with the method's own error on hard beams (+- {100 * row['method_error']:g} %, in quadrature): "
+            print(f"  with the method's own error on hard beams{' with space charge' if summary.get('space_charge') else ''} "
+                  f"(+- {100 * row['method_error']:g} %, in quadrature): "
                   f"{_band(row, 'band_2std_with_method', 'truth_in_band_with_method')}")
         if "band_95" in row:
             spread = 100 * row["band_95_factor"] * row["std"] / row["mean"]

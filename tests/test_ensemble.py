@@ -107,6 +107,28 @@ def test_summary_rejects_members_of_different_scans(ensembles, tmp_path):
         summarize_ensemble([mixed / "member_0", mixed / "member_1"], mixed)
 
 
+def test_members_with_space_charge_get_the_space_charge_method_error(ensembles, tmp_path):
+    """Members whose reports carry a space-charge model check (PIC) or a surrogate check are fits with space
+    charge: their x, y emittances get METHOD_ERROR_SPACE_CHARGE (0.65 % for rms emittances), the others
+    METHOD_ERROR (0.25 %); the summary says which."""
+    import shutil
+
+    members = []
+    for i in range(2):
+        member = tmp_path / f"member_{i}"
+        shutil.copytree(ensembles["many"] / f"member_{i}", member)
+        report = json.loads((member / "emittances.json").read_text())
+        report["surrogate_check"] = {}  # a surrogate fit's check (no PIC bias to correct)
+        (member / "emittances.json").write_text(json.dumps(report))
+        members.append(member)
+    summary = json.loads((summarize_ensemble(members, tmp_path) / "ensemble_emittances.json").read_text())
+    assert summary["space_charge"] is True
+    assert summary["emittances"]["norm_emit_x"]["method_error"] == 0.0065
+    assert summary["emittances"]["norm_emit_x_core90"]["method_error"] == 0.01
+    plain = json.loads((ensembles["many"] / "ensemble_emittances.json").read_text())
+    assert plain["space_charge"] is False and plain["emittances"]["norm_emit_x"]["method_error"] == 0.0025
+
+
 def test_member_arguments_set_both_seeds():
     args = member_arguments(["--config", "c.yaml"], 7, "ens/member_2")
     assert args[:4] == ["fit", "--model.calibration_start=random", "--config", "c.yaml"]  # a config may override it
@@ -147,6 +169,16 @@ def test_the_method_band_holds_a_bias_the_members_share_up_to_the_methods_measur
     rms = {"mean": 0.982, "std": 0.006, "true": 1.0}
     add_method_error("norm_emit_x", rms)
     assert not rms["truth_in_band_with_method"]
+    # with space charge in the fit: the space-charge family's strong S rms x, -0.86 % +- 0.24 % std over six seeds
+    # (stop 41), misses with the no-charge error and holds with the space-charge family's 0.65 %; a shared 2 % does not
+    strong_s = {"mean": 0.9914, "std": 0.0024, "true": 1.0}
+    add_method_error("norm_emit_x", strong_s)
+    assert not strong_s["truth_in_band_with_method"]
+    add_method_error("norm_emit_x", strong_s, space_charge=True)
+    assert strong_s["method_error"] == 0.0065 and strong_s["truth_in_band_with_method"]
+    shared = {"mean": 0.98, "std": 0.0024, "true": 1.0}
+    add_method_error("norm_emit_x", shared, space_charge=True)
+    assert not shared["truth_in_band_with_method"]
     longitudinal = {"mean": 0.982, "std": 0.006, "true": 1.0}
     add_method_error("norm_emit_z", longitudinal)  # measured on x and y only
     assert "band_2std_with_method" not in longitudinal
