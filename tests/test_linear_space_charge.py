@@ -103,7 +103,7 @@ def test_linear_space_charge_is_near_pic_for_a_gaussian_bunch():
     torch.testing.assert_close(sizes["linear"], sizes["pic"], rtol=0.015, atol=0)
 
 
-@pytest.mark.parametrize("basis", ["cubic_positions", "cubic", "linear"])
+@pytest.mark.parametrize("basis", ["cubic_positions", "cubic", "linear", "field_shapes"])
 def test_section_map_with_linear_space_charge_starts_as_the_physics(basis):
     """An untrained SectionMap with space_charge tracks as LinearSpaceCharge, whatever its basis; its spec carries
     the option (a weights file of another charge is refused), and a spec without it is unchanged (older weights

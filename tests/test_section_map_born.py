@@ -41,3 +41,28 @@ def test_born_correction_gives_the_growth_of_a_weaker_bunch():
     assert element.spec()["born"] is True
     with pytest.raises(ValueError, match="born must be true or false, and true needs space_charge"):
         SectionMap("SC", SECTION, [1.0] * 6, inputs=["Q1.k1"], born=True)
+
+
+def test_field_shape_basis_is_the_field_of_a_round_gaussian_bunch():
+    """The field_shapes basis's transverse features are the radial field of a long round Gaussian bunch in rms
+    units, E_r(r) = (1/r) int_0^r exp(-t^2/2) t dt (Gauss's law, by quadrature), along x and y, first the
+    polynomial basis unchanged; finite with a finite gradient at the centre."""
+    from models.elements import BASES, field_shape_basis, polynomial_basis
+
+    u = torch.zeros(5, 6, dtype=torch.float64)
+    u[:, 0] = torch.tensor([0.0, 0.3, 1.0, 2.5, 6.0], dtype=torch.float64)
+    u[:, 2] = 0.5 * u[:, 0]
+    features = field_shape_basis(u)
+    assert features.shape == (5, BASES["field_shapes"][1])
+    torch.testing.assert_close(features[:, :24], polynomial_basis(u))
+    r = u[:, [0, 2]].norm(dim=-1)
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)[:, None] * r
+    enclosed = torch.trapezoid(torch.exp(-t**2 / 2) * t, t, dim=0)  # (5,)
+    radial = torch.where(r > 0, enclosed / r.clamp_min(1e-30), torch.zeros_like(r))
+    unit = u[:, [0, 2]] / r.clamp_min(1e-30)[:, None]
+    torch.testing.assert_close(features[:, 24:26], radial[:, None] * unit, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(features[:, 26:28], features[:, 24:26])  # z = 0: exp(-z^2/2) = 1
+    assert features[-1, 24] < features[2, 24]  # 1/r outside the core, as a field, unlike any polynomial
+    start = torch.zeros(1, 6, dtype=torch.float64, requires_grad=True)
+    field_shape_basis(start).sum().backward()
+    assert torch.isfinite(start.grad).all()
