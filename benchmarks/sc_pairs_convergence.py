@@ -103,7 +103,7 @@ def oracle_errors(inputs: np.ndarray, outputs: np.ndarray, stations: list[np.nda
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pairs", type=Path)
-    parser.add_argument("--beams", type=int, default=8, help="the first B held-out beams (every fifth)")
+    parser.add_argument("--beams", type=int, default=8, help="the first B held-out beams (every fifth from the fifth)")
     parser.add_argument("--kernel", type=float, default=0.15, help="width of the added particles' kernel [rms]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +114,7 @@ def main() -> None:
     # (particle factor, grid): the pairs' own (x1, 32^3) is stored; then more particles, a finer and a coarser grid
     references = [(10, 32), (40, 32), (40, 64), (1, 16), (10, 16)]
     rng = np.random.default_rng(args.seed)
-    held_out = list(range(0, len(pairs.beams_in), 5))[:args.beams]
+    held_out = list(range(4, len(pairs.beams_in), 5))[:args.beams]  # as psr surrogate holds them out (val_every 5)
     table = {key: [] for key in references}
     oracle = {"stored": [], "finest": []}
     for b in held_out:
