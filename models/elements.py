@@ -326,8 +326,8 @@ def field_shape_basis(u: torch.Tensor) -> torch.Tensor:
     u_z): q_t (1 - exp(-r^2/2)) / r^2 for q_t = u_x, u_y (r^2 = u_x^2 + u_y^2: a long round bunch), the same
     times exp(-u_z^2/2), and q (1 - exp(-s^2/2)) / s^2 (s = |q|): linear in the core, falling as 1/r outside as a
     bunch's field does, which no low-order polynomial does (benchmarks/sc_pairs_convergence.py: the best map of
-    each held-out beam in this basis misses the PIC emittances by a median 3.1 / 1.3 % (visited / synthetic beams)
-    against 7.3 / 3.6 % with polynomial_basis)."""
+    each held-out beam in this basis misses the PIC emittances by a median 3.6 / 1.6 % (visited / synthetic beams)
+    against 10.0 / 5.7 % with polynomial_basis)."""
     q = u[..., 0::2]
     r2 = q[..., :2].square().sum(-1, keepdim=True)
     s2 = q.square().sum(-1, keepdim=True)
