@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import sim
-from models.elements import NEURAL_ELEMENT_TYPES, section_setting_key
+from models.elements import NEURAL_ELEMENT_TYPES, first_order_active, section_setting_key
 
 
 class CorrectedSection(nn.Module):
@@ -67,6 +67,8 @@ class CorrectedSection(nn.Module):
         return self.reference(beam, settings).beam.particles
 
     def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
+        if first_order_active():  # linearizing with space charge off: the surrogate's first-order physics
+            return self.surrogate.track(particles, p0c, species, overrides)
         if not (self.training and torch.is_grad_enabled()):
             return self.track_reference(particles, p0c, species, overrides), p0c
         out, p0c_out = self.surrogate.track(particles, p0c, species, overrides)

@@ -10,6 +10,7 @@ Both elements start as their physical map (the network's last layer is zero), so
 tracks exactly as the physics it corrects.
 """
 
+import contextlib
 import functools
 import itertools
 import math
@@ -25,6 +26,26 @@ from sim.space_charge_linear import section_matrix
 
 WEIGHTS_FORMAT = "psr-neural-element"
 WEIGHTS_VERSION = 1
+_first_order_depth = 0  # > 0 inside first_order_maps()
+
+
+@contextlib.contextmanager
+def first_order_maps():
+    """Within it, maps of a whole bunch (SectionMap, CorrectedSection) track by their section's first-order
+    physics (no network, no space charge): for linearizing a lattice about the reference particle with space
+    charge off (psr.training.prior.screen_maps), where a handful of probe particles is no bunch to normalize by
+    or to kick with the bunch's charge."""
+    global _first_order_depth
+    _first_order_depth += 1
+    try:
+        yield
+    finally:
+        _first_order_depth -= 1
+
+
+def first_order_active() -> bool:
+    """Whether the caller is inside first_order_maps()."""
+    return _first_order_depth > 0
 
 
 def _mlp(n_in: int, n_out: int, width: int, layers: int) -> nn.Sequential:
@@ -268,6 +289,9 @@ class SectionMap(NeuralElement):
     def track(self, particles: torch.Tensor, p0c, species, overrides: dict | None = None):
         p = self.parameter_values(overrides, particles)
         settings = {k: p[section_setting_key(k)] for k in self.inputs}
+        if first_order_active():  # the section's elements tracked linearly, space charge off
+            linear = self.physical(sim.ParticleBeam(particles, p0c=p0c, species=species), settings).beam
+            return linear.particles, linear.p0c
         mean = particles.mean(-2, keepdim=True)
         centred = particles - mean
         cov = centred.transpose(-1, -2) @ centred / particles.shape[-2]  # (..., 6, 6)

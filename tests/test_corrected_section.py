@@ -50,6 +50,33 @@ def test_corrected_section_is_the_reference_at_each_refresh_and_moves_with_the_s
     torch.testing.assert_close(element.track(x2, 5e6, SPECIES, k1)[0], element.track_reference(x2, 5e6, SPECIES, k1))
 
 
+def test_a_replaced_section_is_linearized_by_its_first_order_physics():
+    """The scan-determination check and the auto prior linearize the lattice about the reference particle with
+    space charge off. Through the shipped surrogate config's corrected SectionMap (its scan settings routed to
+    the map) the first-order screen maps are then those of the PIC config's lattice, and the report says what it
+    says for PIC (x, y determined; the 4D emittance not); before, the probe particles went through PIC with the
+    bunch's charge under the scan's unrouted names, and every emittance was reported not determined."""
+    from psr.outputs.scan_determination import scan_determines
+    from psr.training.prior import screen_maps
+
+    maps, determined = {}, {}
+    for config in ("configs/sc_quad_scan.yaml", "configs/sc_quad_scan_surrogate.yaml"):
+        model, data = (cli := fit_cli(["--config", config], run=False)).model, cli.datamodule
+        data.setup("fit")
+        model.configure_scan(data.scan)
+        names = [model.setting_routes.get(n, n) for n in model.setting_names]
+        maps[config] = screen_maps(model.lattice, names, data.settings.double(), data.scan.p0c, data.scan.species, 4)
+        taken = {name: torch.ones(len(data.settings), dtype=torch.bool) for name in data.scan.screens}
+        determined[config] = scan_determines(model.lattice, names, data.settings.double(), taken, data.scan.p0c,
+                                             data.scan.species, 4)
+    pic, surrogate = maps.values()
+    assert "Q1.k1" not in names and any(name.startswith("SC.") for name in names)  # routed to the map
+    torch.testing.assert_close(surrogate["YAG"][1], pic["YAG"][1], rtol=1e-9, atol=1e-12)
+    assert pic["YAG"][1][:, 0, 0].std() > 0.1 * pic["YAG"][1][:, 0, 0].abs().mean()  # the settings matter
+    assert determined["configs/sc_quad_scan_surrogate.yaml"] == determined["configs/sc_quad_scan.yaml"]
+    assert determined["configs/sc_quad_scan.yaml"]["norm_emit_x"] and not determined["configs/sc_quad_scan.yaml"]["norm_emit_4d"]
+
+
 def test_correct_is_checked():
     from models import ConditionalMLPBeam, NormalizingFlowBeam
     from psr.training.reconstruction import PhaseSpaceReconstruction

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import sim
 from models import GaussianBeam, NormalizingFlowBeam
+from models.elements import first_order_maps
 from sim.screen import Screen
 from psr.training.moments import moments, without_background
 
@@ -58,7 +59,7 @@ def screen_maps(lattice: sim.Lattice, names: list[str], settings: torch.Tensor, 
         upstream = sim.Lattice(list(lattice.elements[:index]))
         before = {e.name for e in upstream.elements}
         values = {n: settings[:, i] for i, n in enumerate(names) if sim.parse_setting_name(n)[0] in before}
-        with torch.no_grad():
+        with torch.no_grad(), first_order_maps():  # a bunch's learned map: its section's first-order physics
             out = upstream(sim.ParticleBeam(probes, p0c, species), values).beam.particles
         xy = out[..., [0, 2]].expand(k, *probes.shape[:1], 2)
         jacobian = (xy[:, 1::2] - xy[:, 2::2]) / (2 * STEP)  # (K, n_dim, 2)
@@ -161,7 +162,7 @@ def derive_auto_prior(model, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     n_dim = model.generator.n_dim
     rows = torch.as_tensor(datamodule.train_index, dtype=torch.long)
     mean, cov = fit_second_moments(
-        model.lattice, model.setting_names, datamodule.settings[rows],
+        model.lattice, [getattr(model, "setting_routes", {}).get(n, n) for n in model.setting_names], datamodule.settings[rows],
         {n: img[rows] for n, img in datamodule.images.items()},
         {n: flag[rows] for n, flag in datamodule.measured.items()}, model.p0c, model.species, n_dim)
     width = model.hparams.prior_width
