@@ -64,7 +64,7 @@ def test_a_replaced_section_is_linearized_by_its_first_order_physics():
         model, data = (cli := fit_cli(["--config", config], run=False)).model, cli.datamodule
         data.setup("fit")
         model.configure_scan(data.scan)
-        names = [model.setting_routes.get(n, n) for n in model.setting_names]
+        names = model.lattice_setting_names()
         maps[config] = screen_maps(model.lattice, names, data.settings.double(), data.scan.p0c, data.scan.species, 4)
         taken = {name: torch.ones(len(data.settings), dtype=torch.bool) for name in data.scan.screens}
         determined[config] = scan_determines(model.lattice, names, data.settings.double(), taken, data.scan.p0c,

@@ -105,8 +105,7 @@ def determined_by_scan(model, datamodule) -> dict[str, bool]:
     train = torch.zeros(len(datamodule.settings), dtype=torch.bool)
     train[torch.as_tensor(datamodule.train_index, dtype=torch.long)] = True
     taken = {name: flags.cpu().bool() & train for name, flags in datamodule.measured.items()}
-    routes = getattr(model, "setting_routes", {})  # a scan setting taken by a neural element that replaced a section
-    return scan_determines(model.lattice, [routes.get(n, n) for n in model.setting_names], datamodule.settings.double(), taken,
+    return scan_determines(model.lattice, model.lattice_setting_names(), datamodule.settings.double(), taken,
                            datamodule.scan.p0c, datamodule.scan.species, getattr(model.generator, "n_dim", 6))
 
 

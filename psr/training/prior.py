@@ -162,7 +162,7 @@ def derive_auto_prior(model, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     n_dim = model.generator.n_dim
     rows = torch.as_tensor(datamodule.train_index, dtype=torch.long)
     mean, cov = fit_second_moments(
-        model.lattice, [getattr(model, "setting_routes", {}).get(n, n) for n in model.setting_names], datamodule.settings[rows],
+        model.lattice, model.lattice_setting_names(), datamodule.settings[rows],
         {n: img[rows] for n, img in datamodule.images.items()},
         {n: flag[rows] for n, flag in datamodule.measured.items()}, model.p0c, model.species, n_dim)
     width = model.hparams.prior_width

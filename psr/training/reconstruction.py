@@ -322,6 +322,11 @@ class PhaseSpaceReconstruction(L.LightningModule):
         beam = beam if beam is not None else self.beam()
         return self.lattice(beam, self.lattice_values(settings, beam.particles.dtype), screen_rows=measured).images
 
+    def lattice_setting_names(self) -> list[str]:
+        """The scan's setting names as the lattice takes them: those of a section a neural element replaced routed
+        to it ("Q1.k1" -> "SC.Q1_k1")."""
+        return [self.setting_routes.get(name, name) for name in self.setting_names]
+
     def lattice_values(self, settings: torch.Tensor, dtype: torch.dtype, route: bool = True) -> dict[str, torch.Tensor]:
         """The lattice's settings {name: (B,)} for scan settings (B, P): calibration applied, upstream settings
         left out, settings taken by a neural element routed to it (route False: under the scan's names)."""
