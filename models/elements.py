@@ -225,7 +225,7 @@ class SectionMap(NeuralElement):
     def __init__(self, name: str, section: list[dict], reference_rms: list[float], inputs: list[str] | None = None,
                  input_scales: list[float] | None = None, hidden_width: int = 64, hidden_layers: int = 3,
                  basis: str = "cubic_positions", space_charge: dict | None = None, born: bool = False,
-                 weights: str | None = None, base_dir: str | None = None):
+                 shape_condition: bool = False, weights: str | None = None, base_dir: str | None = None):
         super().__init__(name, weights, base_dir)
         if basis not in BASES:
             raise ValueError(f"SectionMap {name}: basis must be one of {sorted(BASES)} (the polynomial phi), got {basis!r}")
@@ -235,6 +235,9 @@ class SectionMap(NeuralElement):
             raise ValueError(f"SectionMap {name}: born must be true or false, and true needs space_charge {{charge, "
                              f"max_step}}; got {born!r}")
         self.born = born
+        if not isinstance(shape_condition, bool):
+            raise ValueError(f"SectionMap {name}: shape_condition must be true or false, got {shape_condition!r}")
+        self.shape_condition = shape_condition
         entries = [{**e, "tracking": "linear"} if e.get("type") in LINEAR_TRACKING else dict(e) for e in section]
         try:
             self.physical = sim.Lattice.from_list(entries)
@@ -260,7 +263,7 @@ class SectionMap(NeuralElement):
         self.hidden = (int(hidden_width), int(hidden_layers))
         self.register_buffer("reference", torch.tensor(self.reference_rms, dtype=torch.float32))
         self.register_buffer("setting_scale", torch.tensor(scales, dtype=torch.float32))
-        n_condition = 6 + 15 + len(self.inputs)
+        n_condition = 6 + 15 + len(self.inputs) + (len(_FOURTH_MOMENTS) if shape_condition else 0)
         self.network = _mlp(n_condition, 6 * BASES[basis][1], *self.hidden)
         self.amplitude = nn.Linear(n_condition, 6)
         nn.init.zeros_(self.amplitude.weight)
@@ -276,6 +279,8 @@ class SectionMap(NeuralElement):
             spec["space_charge"] = dict(self.space_charge)
         if self.born:
             spec["born"] = True
+        if self.shape_condition:  # absent otherwise, as space_charge
+            spec["shape_condition"] = True
         return spec
 
     def parameter_values(self, overrides, like):
@@ -312,6 +317,8 @@ class SectionMap(NeuralElement):
         condition = [torch.log(rms / self.reference.to(particles)), correlation[..., upper[0], upper[1]]]
         for key, size in zip(self.inputs, self.setting_scale.to(particles)):
             condition.append((settings[key] / size).reshape(*settings[key].shape, 1))
+        if self.shape_condition:  # the bunch's shape beyond its covariance
+            condition.append(log_fourth_moments((centred / rms.unsqueeze(-2))[..., 0::2]))
         condition = torch.cat([c.expand(*lead, c.shape[-1]) for c in condition], -1)  # (..., n_condition)
         function, size = BASES[self.basis]
         coefficients = self.network(condition).reshape(*lead, size, 6)
@@ -323,6 +330,18 @@ class SectionMap(NeuralElement):
         u = centred / rms.unsqueeze(-2)  # the input's own leading shape: one basis for every setting of a scan
         correction = function(u) @ coefficients  # broadcasts to (..., N, 6)
         return out + correction * gain.unsqueeze(-2), p0c_out
+
+
+# with shape_condition: <q_i^2 q_j^2> of the normalized positions (x, y, z): kurtosis and its cross terms (halos,
+# hollow beams and tails differ there at equal covariance, and so do their fields)
+_FOURTH_MOMENTS = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+
+
+def log_fourth_moments(q: torch.Tensor) -> torch.Tensor:
+    """(..., 6) log <q_i^2 q_j^2> over the particles of positions q (..., N, 3) in units of their rms, (i, j) as
+    _FOURTH_MOMENTS: log 3 and log 1 for a Gaussian bunch, log 1.8 along a uniform one's edges."""
+    return torch.log(torch.stack([(q[..., i].square() * q[..., j].square()).mean(-1) for i, j in _FOURTH_MOMENTS],
+                                 -1).clamp_min(1e-6))
 
 
 def polynomial_basis(u: torch.Tensor) -> torch.Tensor:

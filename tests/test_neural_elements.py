@@ -40,6 +40,35 @@ def test_section_map_starts_as_the_section_and_takes_gradients(particles, one_th
     assert element.network[-1].weight.grad.abs().sum() > 0
 
 
+def test_section_map_with_shape_condition(tmp_path, particles, one_thread):
+    """shape_condition feeds the network the bunch's normalized fourth moments of the positions (log 3 and log 1
+    for a Gaussian, log 1.8 along a uniform bunch's edges: what tells a halo or a hollow beam from a Gaussian of
+    the same covariance); untrained the map is still the section's; its weights are refused by a map without it,
+    and a non-boolean is one error."""
+    from models.elements import log_fourth_moments
+
+    torch.manual_seed(1)
+    gaussian = torch.randn(400_000, 3, dtype=torch.float64)
+    uniform = (torch.rand(400_000, 3, dtype=torch.float64) - 0.5) * 12 ** 0.5
+    torch.testing.assert_close(log_fourth_moments(gaussian).exp(), torch.tensor([3.0, 3, 3, 1, 1, 1], dtype=torch.float64),
+                               rtol=0.02, atol=0)
+    torch.testing.assert_close(log_fourth_moments(uniform).exp(), torch.tensor([1.8, 1.8, 1.8, 1, 1, 1], dtype=torch.float64),
+                               rtol=0.01, atol=0)
+    section = [{"type": "Drift", "name": "D1", "length": 1.5}]
+    rms = [1e-3, 1e-4, 1e-3, 1e-4, 1e-3, 1e-3]
+    element = SectionMap("SC", section, reference_rms=rms, shape_condition=True).double()
+    out, _ = element.track(particles, 5e6, sim.get_species("electron"))
+    expected = sim.Lattice.from_list(section).double()(sim.ParticleBeam(particles, p0c=5e6)).beam.particles
+    assert torch.allclose(out, expected, rtol=0, atol=1e-15)
+    assert element.network[0].in_features == SectionMap("SC", section, reference_rms=rms).network[0].in_features + 6
+    saved = element.save_weights(tmp_path / "shape.pt")
+    assert SectionMap("SC", section, reference_rms=rms, shape_condition=True, weights=str(saved)).spec()["shape_condition"]
+    with pytest.raises(ValueError, match="trained for another element or section .*shape_condition"):
+        SectionMap("SC", section, reference_rms=rms, weights=str(saved))
+    with pytest.raises(ValueError, match="shape_condition must be true or false"):
+        SectionMap("SC", section, reference_rms=rms, shape_condition="yes")
+
+
 def test_lattice_file_round_trip_with_weights(tmp_path, particles, one_thread):
     items = [{"type": "ResidualElement", "name": "Q1", "element": QUAD, "input_scales": [10.0]},
              {"type": "Drift", "name": "D1", "length": 2.0}]
