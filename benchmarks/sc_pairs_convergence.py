@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import sim
-from models.elements import field_shape_basis, polynomial_basis
+from models.elements import cubic_basis, field_shape_basis, polynomial_basis
 from psr.data.lattices import build_lattice
 from psr.data.pairs import read_pairs
 
@@ -68,7 +68,7 @@ def bases(u: np.ndarray, stations: list[np.ndarray]) -> dict[str, np.ndarray]:
     shipped = np.concatenate([one, polynomial_basis(torch.as_tensor(u)).numpy()], 1)
     return {"cubic_positions (shipped)": shipped,
             "field_shapes": np.concatenate([one, field_shape_basis(torch.as_tensor(u)).numpy()], 1),
-            "cubic": np.concatenate([monomials(u, five, 3), u[:, 5:]], 1),
+            "cubic": np.concatenate([one, cubic_basis(torch.as_tensor(u)).numpy()], 1),
             "quintic_positions": np.concatenate([linear, monomials(u, positions, 5)[:, 4:]], 1),
             "quintic": np.concatenate([monomials(u, five, 5), u[:, 5:]], 1),
             f"shipped + field shapes at {len(stations)} stations": np.concatenate(

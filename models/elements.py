@@ -314,11 +314,12 @@ class SectionMap(NeuralElement):
         rms = cov.diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()  # (..., 6); no NaN gradient at 0
         correlation = cov / (rms.unsqueeze(-1) * rms.unsqueeze(-2))
         upper = torch.triu_indices(6, 6, 1, device=particles.device)
+        u = centred / rms.unsqueeze(-2)  # the input's own leading shape: one basis for every setting of a scan
         condition = [torch.log(rms / self.reference.to(particles)), correlation[..., upper[0], upper[1]]]
         for key, size in zip(self.inputs, self.setting_scale.to(particles)):
             condition.append((settings[key] / size).reshape(*settings[key].shape, 1))
         if self.shape_condition:  # the bunch's shape beyond its covariance
-            condition.append(log_fourth_moments((centred / rms.unsqueeze(-2))[..., 0::2]))
+            condition.append(log_fourth_moments(u[..., 0::2]))
         condition = torch.cat([c.expand(*lead, c.shape[-1]) for c in condition], -1)  # (..., n_condition)
         function, size = BASES[self.basis]
         coefficients = self.network(condition).reshape(*lead, size, 6)
@@ -327,7 +328,6 @@ class SectionMap(NeuralElement):
         else:  # of the output's (through a tight waist the output is much smaller than the input)
             scale = (r_sc @ cov @ r_sc.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).clamp_min(1e-24).sqrt()
         gain = torch.exp(self.amplitude(condition)) * scale  # (..., 6)
-        u = centred / rms.unsqueeze(-2)  # the input's own leading shape: one basis for every setting of a scan
         correction = function(u) @ coefficients  # broadcasts to (..., N, 6)
         return out + correction * gain.unsqueeze(-2), p0c_out
 
