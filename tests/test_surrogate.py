@@ -170,6 +170,41 @@ def test_emittance_term_of_the_loss(linear_pairs):
     assert abs(term - (1 / 1.1 - 1) ** 2 / 2) < 1e-5
 
 
+def test_whitened_terms_of_the_loss(linear_pairs):
+    """model.whiten: the particle term in each plane's normalized phase space. The reference comes out with unit
+    covariance per plane; a prediction whose x-plane emittance is (1 + e) times the reference's (its normalized
+    momentum stretched) costs e^2 / U whitened (U used coordinates), whatever the plane's x-px correlation r,
+    and only e^2 (1 - r^2) / U per rms (nearly nothing for the strongly correlated beams at a section's exit)."""
+    from psr.training.surrogate import SurrogateTraining, emittances, normalized, used_coordinates
+
+    pairs = read_pairs(linear_pairs)
+    out = torch.as_tensor(pairs.beams_out, dtype=torch.float64)
+    used = used_coordinates(torch.as_tensor(pairs.beams_in))
+    _, b = normalized(out, out, used, whiten=True)
+    for plane in range(b.shape[-1] // 2):
+        part = b[..., 2 * plane:2 * plane + 2]
+        cov = part.transpose(-1, -2) @ part / part.shape[-2]
+        assert torch.allclose(cov, torch.eye(2, dtype=cov.dtype).expand_as(cov), atol=1e-9)
+    centred = out - out.mean(-2, keepdim=True)
+    size = centred.square().mean(-2).sqrt()
+    r = (centred[..., 0] * centred[..., 1]).mean(-1) / (size[..., 0] * size[..., 1])
+    across = centred[..., 1] - (r * size[..., 1] / size[..., 0]).unsqueeze(-1) * centred[..., 0]
+    e = 0.02
+    stretched = out.clone()
+    stretched[..., 1] += e * across  # px across its correlation with x: (1 + e) the x emittance
+    assert torch.allclose(emittances(stretched)[..., 0] / emittances(out)[..., 0], torch.full_like(r, 1 + e))
+    n_used = int(used.sum())
+    for whiten, expected in ((True, torch.full_like(r, e ** 2 / n_used)), (False, e ** 2 * (1 - r ** 2) / n_used)):
+        a, b = normalized(stretched, out, used, whiten)
+        assert torch.allclose((a - b).square().mean((-1, -2)), expected, rtol=1e-6)
+    assert (1 - r ** 2).min() < 0.5  # beams correlated at the exit: per rms sees half of it or less
+    module = SurrogateTraining({"type": "SectionMap", "name": "SC"}, "unused.pt", whiten=True)
+    module.configure_pairs(pairs)
+    batch = {"beams_in": torch.as_tensor(pairs.beams_in), "beams_out": torch.as_tensor(pairs.beams_out),
+             "settings": torch.as_tensor(pairs.settings)}
+    assert module.losses(batch)["particle"] < 1e-8  # the untrained map is the section's first-order physics
+
+
 def test_pairs_from_beam_files(linear_pairs, tmp_path, capfd):
     """simulate-pairs with beam_files: input beams are particles of the files (unperturbed: exactly, row by row),
     perturbed per plane within exp(+-scale) in rms size; the outputs are the section's physics of those beams;

@@ -2,7 +2,8 @@
 
 The loss compares the element's output beams with the reference physics' output beams of the same input
 beams: particle by particle (the pairs are matched: mean squared difference in units of each reference
-beam's rms), as distributions (sliced Wasserstein-2 distance over random directions of the normalized
+beam's rms, or with `whiten` in each plane's normalized phase space, where an error counts as it changes the
+plane's emittance), as distributions (sliced Wasserstein-2 distance over random directions of the same
 coordinates: shape, tails, correlations) and by their rms sizes (relative error). Validation reports the
 rms sizes and emittances of held-out beams against the reference.
 """
@@ -102,6 +103,33 @@ def emittances(particles: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.linalg.det(p).clamp_min(0).sqrt() for p in planes], -1)
 
 
+def normalized(particles: torch.Tensor, reference: torch.Tensor, used: torch.Tensor,
+               whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Particles and reference particles (B, N, 6) in the reference beam's coordinates, centred on its mean, of the
+    `used` (6,) coordinates only (B, N, U): per rms, or with `whiten` per plane in its normalized phase space,
+    u_n = L^-1 (u - <u>) for each plane whose two coordinates are used (L the Cholesky factor of the reference's
+    2x2 covariance there; a map's error then counts as it changes that plane's emittance, whatever the plane's
+    x-px correlation), per rms where only one is."""
+    mean = reference.mean(-2, keepdim=True)
+    size = rms(reference).unsqueeze(-2)
+    a, b = (particles - mean) / size, (reference - mean) / size  # per rms first: the planes' 2x2 are correlations
+    if not whiten:
+        return a[..., used], b[..., used]
+    parts_a, parts_b = [], []
+    for plane in range(3):
+        both = slice(2 * plane, 2 * plane + 2)
+        if bool(used[both].all()):
+            cov = (b[..., both].transpose(-1, -2) @ b[..., both] / b.shape[-2]).double()
+            factor = torch.linalg.cholesky(cov + 1e-12 * torch.eye(2, dtype=cov.dtype, device=cov.device)).to(a.dtype)
+            for part, out in ((a, parts_a), (b, parts_b)):
+                out.append(torch.linalg.solve_triangular(factor, part[..., both].transpose(-1, -2), upper=False)
+                           .transpose(-1, -2))
+        else:
+            parts_a.append(a[..., both][..., used[both]])
+            parts_b.append(b[..., both][..., used[both]])
+    return torch.cat(parts_a, -1), torch.cat(parts_b, -1)
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int, generator=None) -> torch.Tensor:
     """Mean over `directions` random unit directions of the squared 1D Wasserstein-2 distance between the
     projections of point clouds a, b (..., N, D) (same N): sorted projections compared rank by rank."""
@@ -119,13 +147,14 @@ class SurrogateTraining(L.LightningModule):
     `reference_rms` to the mean rms of the input beams; `input_scales` to the settings' largest |value|). weights: where the trained weights file is written (also copied into the run folder).
     particle_weight, distribution_weight, moment_weight: the three terms of the loss (module docstring);
     emittance_weight: a fourth, the relative error of the x and y emittances squared (default off);
-    directions: random directions of the sliced Wasserstein distance. lr: Adam, cosine decay to
+    directions: random directions of the sliced Wasserstein distance. whiten: the particle and distribution terms
+    in each plane's normalized phase space (`normalized`) rather than per rms. lr: Adam, cosine decay to
     lr * lr_final_fraction.
     """
 
     def __init__(self, element: dict, weights: str, lr: float = 1e-3, lr_final_fraction: float = 0.01,
                  particle_weight: float = 1.0, distribution_weight: float = 1.0, moment_weight: float = 1.0,
-                 directions: int = 32, emittance_weight: float = 0.0):
+                 directions: int = 32, emittance_weight: float = 0.0, whiten: bool = False):
         super().__init__()
         if not isinstance(element, dict) or element.get("type") not in NEURAL_ELEMENT_TYPES:
             raise ValueError(f"model.element must be a neural element's entry with a type of "
@@ -179,9 +208,8 @@ class SurrogateTraining(L.LightningModule):
         full_reference = reference = batch["beams_out"]
         used = used_coordinates(batch["beams_in"])
         size = rms(reference)
+        a, b = normalized(predicted, reference, used, self.hparams.whiten)
         predicted, reference, size = predicted[..., used], reference[..., used], size[..., used]
-        mean = reference.mean(-2, keepdim=True)
-        a, b = (predicted - mean) / size.unsqueeze(-2), (reference - mean) / size.unsqueeze(-2)
         terms = {"particle": (a - b).square().mean(),
                  "distribution": sliced_wasserstein(a, b, self.hparams.directions),
                  "moment": (rms(predicted) / size - 1).square().mean()}
