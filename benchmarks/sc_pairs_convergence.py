@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import sim
-from models.elements import cubic_basis, field_shape_basis, polynomial_basis
+from models.elements import cubic_basis, field_shape_basis, gaussian_field_shapes, polynomial_basis
 from psr.data.lattices import build_lattice
 from psr.data.pairs import read_pairs
 
@@ -46,23 +46,18 @@ def monomials(u: np.ndarray, columns: list[int], degree: int) -> np.ndarray:
     return np.stack(features, 1)
 
 
-def gaussian_field_shapes(positions: np.ndarray) -> np.ndarray:
-    """(N, 7) features of positions (N, 3) [x, y, z]: in units of their rms, the transverse field shapes of a long
-    round Gaussian bunch, q (1 - exp(-r^2/2)) / r^2 (q = x, y), the same times exp(-z^2/2), and the 3D analogue for
-    x, y, z: functions that grow linearly in the core and fall off as 1/r outside, as the field of a bunch does."""
+def field_shapes(positions: np.ndarray) -> np.ndarray:
+    """(N, 7) Gaussian field shapes (models.elements.gaussian_field_shapes) of positions (N, 3) [x, y, z] in units
+    of their rms: linear in the core, falling off as 1/r outside, as the field of a bunch does."""
     u = (positions - positions.mean(0)) / positions.std(0).clip(1e-30)
-    r2 = (u[:, :2] ** 2).sum(1, keepdims=True) + 1e-12
-    round_ = (1 - np.exp(-r2 / 2)) / r2
-    s2 = (u ** 2).sum(1, keepdims=True) + 1e-12
-    return np.concatenate([u[:, :2] * round_, u[:, :2] * round_ * np.exp(-u[:, 2:] ** 2 / 2),
-                           u * (1 - np.exp(-s2 / 2)) / s2], 1)
+    return gaussian_field_shapes(torch.as_tensor(u)).numpy()
 
 
 def bases(u: np.ndarray, stations: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Bases of normalized input coordinates u (N, 6), each with a constant: the SectionMap's ("cubic_positions":
     linear in all six, positions to third order; "field_shapes": that and Gaussian field shapes of the positions;
     "cubic": every monomial up to third order of x, px, y, py, z, and pz),
-    higher orders, and the shipped basis plus Gaussian field shapes (`gaussian_field_shapes`) of the positions
+    higher orders, and the shipped basis plus Gaussian field shapes (`field_shapes`) of the positions
     (N, 3) at `stations` along the section's linear trajectory (the field where the particle is when kicked)."""
     positions, five = [0, 2, 4], [0, 1, 2, 3, 4]
     linear = monomials(u, list(range(6)), 1)
@@ -74,7 +69,7 @@ def bases(u: np.ndarray, stations: list[np.ndarray]) -> dict[str, np.ndarray]:
             "quintic_positions": np.concatenate([linear, monomials(u, positions, 5)[:, 4:]], 1),
             "quintic": np.concatenate([monomials(u, five, 5), u[:, 5:]], 1),
             f"shipped + field shapes at {len(stations)} stations": np.concatenate(
-                [shipped] + [gaussian_field_shapes(s) for s in stations], 1)}
+                [shipped] + [field_shapes(s) for s in stations], 1)}
 
 
 def linear_stations(items: list[dict], inputs: np.ndarray, settings: dict, p0c: float, species: str,

@@ -371,12 +371,15 @@ def field_shape_basis(u: torch.Tensor) -> torch.Tensor:
     bunch's field does, which no low-order polynomial does (benchmarks/sc_pairs_convergence.py: the best map of
     each held-out beam in this basis misses the PIC emittances by a median 3.6 / 1.6 % (visited / synthetic beams)
     against 10.0 / 5.7 % with polynomial_basis)."""
-    q = u[..., 0::2]
+    return torch.cat([polynomial_basis(u), gaussian_field_shapes(u[..., 0::2])], -1)
+
+
+def gaussian_field_shapes(q: torch.Tensor) -> torch.Tensor:
+    """(..., N, 7) field shapes (field_shape_basis) at positions q = (x, y, z) (..., N, 3) in rms units."""
     r2 = q[..., :2].square().sum(-1, keepdim=True)
-    s2 = q.square().sum(-1, keepdim=True)
     round_ = _gaussian_shape(r2)
-    return torch.cat([polynomial_basis(u), q[..., :2] * round_, q[..., :2] * round_ * torch.exp(-0.5 * q[..., 2:].square()),
-                      q * _gaussian_shape(s2)], -1)
+    return torch.cat([q[..., :2] * round_, q[..., :2] * round_ * torch.exp(-0.5 * q[..., 2:].square()),
+                      q * _gaussian_shape(q.square().sum(-1, keepdim=True))], -1)
 
 
 def _gaussian_shape(r2: torch.Tensor) -> torch.Tensor:

@@ -106,28 +106,23 @@ def emittances(particles: torch.Tensor) -> torch.Tensor:
 def normalized(particles: torch.Tensor, reference: torch.Tensor, used: torch.Tensor,
                whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Particles and reference particles (B, N, 6) in the reference beam's coordinates, centred on its mean, of the
-    `used` (6,) coordinates only (B, N, U): per rms, or with `whiten` per plane in its normalized phase space,
-    u_n = L^-1 (u - <u>) for each plane whose two coordinates are used (L the Cholesky factor of the reference's
-    2x2 covariance there; a map's error then counts as it changes that plane's emittance, whatever the plane's
-    x-px correlation), per rms where only one is."""
+    `used` (6,) coordinates only (B, N, U): per rms, or with `whiten` per plane in its normalized phase space
+    where both of the plane's coordinates are used: (u, (u' - r u) / sqrt(1 - r^2)) of the per-rms u, u' with r
+    their correlation in the reference (the Cholesky factor of its 2x2 covariance inverted: a map's error then
+    counts as it changes the plane's emittance, whatever the plane's x-px correlation)."""
     mean = reference.mean(-2, keepdim=True)
     size = rms(reference).unsqueeze(-2)
-    a, b = (particles - mean) / size, (reference - mean) / size  # per rms first: the planes' 2x2 are correlations
-    if not whiten:
-        return a[..., used], b[..., used]
-    parts_a, parts_b = [], []
-    for plane in range(3):
-        both = slice(2 * plane, 2 * plane + 2)
-        if bool(used[both].all()):
-            cov = (b[..., both].transpose(-1, -2) @ b[..., both] / b.shape[-2]).double()
-            factor = torch.linalg.cholesky(cov + 1e-12 * torch.eye(2, dtype=cov.dtype, device=cov.device)).to(a.dtype)
-            for part, out in ((a, parts_a), (b, parts_b)):
-                out.append(torch.linalg.solve_triangular(factor, part[..., both].transpose(-1, -2), upper=False)
-                           .transpose(-1, -2))
-        else:
-            parts_a.append(a[..., both][..., used[both]])
-            parts_b.append(b[..., both][..., used[both]])
-    return torch.cat(parts_a, -1), torch.cat(parts_b, -1)
+    a, b = (particles - mean) / size, (reference - mean) / size
+    if whiten:
+        columns = [list(a.unbind(-1)), list(b.unbind(-1))]
+        for i in (0, 2, 4):
+            if bool(used[i]) and bool(used[i + 1]):
+                r = (columns[1][i] * columns[1][i + 1]).mean(-1, keepdim=True)  # b has unit variances
+                across = (1 - r.square()).clamp_min(1e-12).sqrt()
+                for part in columns:
+                    part[i + 1] = (part[i + 1] - r * part[i]) / across
+        a, b = (torch.stack(part, -1) for part in columns)
+    return a[..., used], b[..., used]
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: int, generator=None) -> torch.Tensor:
@@ -204,17 +199,15 @@ class SurrogateTraining(L.LightningModule):
         return self.element.track(beams_in, self.p0c, self.species, overrides or None)[0]
 
     def losses(self, batch) -> dict[str, torch.Tensor]:
-        full_predicted = predicted = self(batch["beams_in"], batch["settings"])
-        full_reference = reference = batch["beams_out"]
+        predicted = self(batch["beams_in"], batch["settings"])
+        reference = batch["beams_out"]
         used = used_coordinates(batch["beams_in"])
-        size = rms(reference)
         a, b = normalized(predicted, reference, used, self.hparams.whiten)
-        predicted, reference, size = predicted[..., used], reference[..., used], size[..., used]
         terms = {"particle": (a - b).square().mean(),
                  "distribution": sliced_wasserstein(a, b, self.hparams.directions),
-                 "moment": (rms(predicted) / size - 1).square().mean()}
+                 "moment": (rms(predicted)[..., used] / rms(reference)[..., used] - 1).square().mean()}
         if self.hparams.emittance_weight:
-            ratio = emittances(full_predicted)[..., :2] / emittances(full_reference)[..., :2].clamp_min(1e-30)
+            ratio = emittances(predicted)[..., :2] / emittances(reference)[..., :2].clamp_min(1e-30)
             terms["emittance"] = (ratio - 1).square().mean()
         return terms
 
